@@ -1,0 +1,307 @@
+"""The configuration: a YAML file, ``${VAR}`` expansion, ``ROUTER_*`` environment overrides.
+
+Every default lives in these models. Errors name the file, the field path
+(``providers[0].keys[1].secret``) and what is wrong; secrets are ``SecretStr`` and never printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from datetime import time
+from pathlib import Path
+from typing import Any, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from router.classify import ProviderType
+from router.quota.types import Strategy
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+DEFAULT_STORE_URL = "sqlite:///modelscope-router.sqlite3"
+MODELSCOPE_DAILY_LIMIT = 2000
+MODELSCOPE_MODEL_DAILY_LIMIT = 500
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``str()`` is the message for the operator."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+
+
+class StoreSettings(_Model):
+    url: str = DEFAULT_STORE_URL
+    prefix: str = Field("modelscope-router", pattern=NAME_PATTERN)
+
+
+class QuotaSettings(_Model):
+    timezone: str = "Asia/Shanghai"
+    reset_time: time = time(0, 0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("reset_time", mode="before")
+    @classmethod
+    def _hh_mm(cls, value: object) -> object:
+        if isinstance(value, str) and not re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?", value):
+            raise ValueError('expected "HH:MM"')
+        if isinstance(value, int):  # YAML 1.1 reads an unquoted 00:00 as a sexagesimal int
+            return time(value // 60 % 24, value % 60)
+        return value
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class KeyConfig(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    daily_limit: int | None = Field(None, ge=0)
+    model_daily_limit: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Self:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of 'secret' or 'secret_file'")
+        if self.secret is not None and not self.secret.get_secret_value().strip():
+            raise ValueError("'secret' is empty")
+        return self
+
+    def resolved_secret(self) -> str:
+        if self.secret is not None:
+            return self.secret.get_secret_value().strip()
+        assert self.secret_file is not None
+        return self.secret_file.read_text(encoding="utf-8").strip()
+
+
+class ProviderConfig(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    type: ProviderType
+    base_url: str = Field(pattern=r"^https?://[^\s]+$")
+    daily_limit: int | None = Field(None, ge=0)
+    model_daily_limit: int | None = Field(None, ge=0)
+    model_limits: dict[str, int] = Field(default_factory=dict)
+    strategy: Strategy = Strategy.MOST_REMAINING
+    timeout_seconds: float = Field(120, gt=0)
+    connect_timeout_seconds: float = Field(5, gt=0)
+    models: list[str] | None = None  # a fixed list instead of asking the upstream's /models
+    keys: list[KeyConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> Self:
+        _require_unique([k.name for k in self.keys], "key name")
+        return self
+
+    def key_daily_limit(self, key: KeyConfig) -> int | None:
+        if key.daily_limit is not None:
+            return key.daily_limit
+        if self.daily_limit is not None:
+            return self.daily_limit
+        return MODELSCOPE_DAILY_LIMIT if self.type is ProviderType.MODELSCOPE else None
+
+    def key_model_limit(self, key: KeyConfig, model: str) -> int | None:
+        if model in self.model_limits:
+            return self.model_limits[model]
+        return self.default_model_limit(key)
+
+    def default_model_limit(self, key: KeyConfig) -> int | None:
+        if key.model_daily_limit is not None:
+            return key.model_daily_limit
+        if self.model_daily_limit is not None:
+            return self.model_daily_limit
+        return MODELSCOPE_MODEL_DAILY_LIMIT if self.type is ProviderType.MODELSCOPE else None
+
+
+class RouteConfig(_Model):
+    provider: str
+    model: str = Field(min_length=1)
+
+
+class ModelAlias(_Model):
+    id: str = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+
+
+class ClientConfig(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    key: SecretStr
+
+    def key_digest(self) -> bytes:
+        return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+
+
+class RetrySettings(_Model):
+    max_attempts: int = Field(4, ge=1, le=50)
+    deadline_seconds: float = Field(300, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Server and store may be overridden by ROUTER_SERVER__PORT etc."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROUTER_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    quota: QuotaSettings = QuotaSettings()
+    providers: list[ProviderConfig] = Field(min_length=1)
+    models: list[ModelAlias] = Field(default_factory=list)
+    clients: list[ClientConfig] = Field(default_factory=list)
+    retry: RetrySettings = RetrySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: an operator's ROUTER_SERVER__PORT beats the file.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Self:
+        _require_unique([p.name for p in self.providers], "provider name")
+        _require_unique([m.id for m in self.models], "model id")
+        _require_unique([c.name for c in self.clients], "client name")
+        _require_unique([c.key.get_secret_value() for c in self.clients], "client key", show=False)
+        declared = {p.name for p in self.providers}
+        for i, alias in enumerate(self.models):
+            for j, route in enumerate(alias.routes):
+                if route.provider not in declared:
+                    raise ValueError(
+                        f"models[{i}].routes[{j}].provider: provider {route.provider!r} "
+                        f"is not declared (declared: {', '.join(sorted(declared))})"
+                    )
+        return self
+
+    def provider(self, name: str) -> ProviderConfig:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def _require_unique(values: list[str], what: str, *, show: bool = True) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"duplicate {what}" + (f" {value!r}" if show else ""))
+        seen.add(value)
+
+
+def expand_env(tree: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    if isinstance(tree, dict):
+        return {k: expand_env(v, env, _join(path, str(k))) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [expand_env(v, env, f"{path}[{i}]") for i, v in enumerate(tree)]
+    if isinstance(tree, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _VAR.sub(substitute, tree)
+    return tree
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """('providers', 0, 'keys', 1, 'secret') -> 'providers[0].keys[1].secret'."""
+    out = ""
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, str(part))
+    return out
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = format_loc(tuple(p for p in err["loc"] if not str(p).startswith("function-")))
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {message}" if loc else message)
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, expand and validate a config file; raise ConfigError naming the file and field."""
+    source = Path(path)
+    env = os.environ if env is None else env
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        data = expand_env(raw, env)
+        settings = Settings(**data)
+        for p_index, provider in enumerate(settings.providers):
+            for k_index, key in enumerate(provider.keys):
+                _check_secret_file(key, f"providers[{p_index}].keys[{k_index}].secret_file")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid configuration\n{_describe(exc)}") from None
+    return settings
+
+
+def _check_secret_file(key: KeyConfig, path: str) -> None:
+    if key.secret_file is None:
+        return
+    try:
+        if not key.resolved_secret():
+            raise ConfigError(f"{path}: {key.secret_file} is empty")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {key.secret_file}: {exc.strerror}") from None
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible name for a secret: disabling a key only holds for this secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]

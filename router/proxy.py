@@ -1,0 +1,458 @@
+"""The request path: parse just enough, authenticate, resolve routes, reserve, forward, fail over.
+
+Every decision about an upstream answer comes from ``router.classify``; every count from the
+quota store. This module only glues them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from router.auth import ClientAuth
+from router.catalog import Catalog
+from router.classify import (
+    Action,
+    Outcome,
+    TransportFailure,
+    Verdict,
+    classify,
+    classify_transport,
+    settlement_for,
+)
+from router.config import Settings
+from router.errors import (
+    BadRequest,
+    NotFound,
+    PoolExhausted,
+    RouterError,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    sse_error_event,
+)
+from router.metrics import Metrics
+from router.pool import KeyPool
+from router.quota.days import next_reset, quota_day, to_ms
+from router.quota.store import QuotaStore, StoreError
+from router.quota.types import KeySpec, NoCapacity, Reservation, ReserveRequest, Settlement
+from router.routing import Route, RouteTable, known_routes
+from router.upstream import TransportError, UpstreamReply, Upstreams
+
+log = logging.getLogger("router.proxy")
+
+CHAT = "chat/completions"
+EMBEDDINGS = "embeddings"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_DONE = b"[DONE]"
+
+
+@dataclass(slots=True)
+class Call:
+    """One client request, parsed only as deep as routing needs."""
+
+    endpoint: str
+    model: str
+    stream: bool
+    payload: dict[str, Any]
+    raw: bytes
+    client: str
+    request_id: str
+
+    def body_for(self, route: Route) -> bytes:
+        """The client's body, unchanged but for ``model``."""
+        if route.model == self.model:
+            return self.raw
+        return orjson.dumps({**self.payload, "model": route.model})
+
+
+def parse_call(raw: bytes, endpoint: str, client: str, request_id: str) -> Call:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model.strip() or len(model) > 256:
+        raise BadRequest("'model' is required: a model id or alias.", param="model")
+    stream = payload.get("stream", False)
+    if endpoint == CHAT:
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' is required: a non-empty array.", param="messages")
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be true or false.", param="stream")
+    else:
+        if not isinstance(payload.get("input"), str | list):
+            raise BadRequest("'input' is required: a string or an array.", param="input")
+        stream = False
+    return Call(endpoint, model, stream, payload, raw, client, request_id)
+
+
+def request_id_of(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def worth_settling(settlement: Settlement, res: Reservation) -> bool:
+    """Whether an answer changes the store: the steady state costs no second round trip."""
+    if settlement.release or settlement.exhaust or settlement.cooldown or settlement.disable_reason:
+        return True
+    return _lower(settlement.remaining, res.remaining) or _lower(
+        settlement.model_remaining, res.model_remaining
+    )
+
+
+def _lower(header: int | None, ours: int | None) -> bool:
+    if header is None:
+        return False
+    return header <= 0 if ours is None else header < ours
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one request has met so far on its way through the routes."""
+
+    deadline: float
+    failures: int = 0
+    blocked: list[NoCapacity] = field(default_factory=list)
+    unavailable: int = 0
+    last_failure: Verdict | None = None
+    moving_from: tuple[str, str] | None = None  # (provider, reason) of the last failover
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class Proxy:
+    """The gateway's request handlers and the failover loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: QuotaStore,
+        upstreams: Upstreams,
+        pool: KeyPool,
+        catalog: Catalog,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.upstreams = upstreams
+        self.pool = pool
+        self.catalog = catalog
+        self.metrics = metrics
+        self.clock = clock
+        self.auth = ClientAuth(settings.clients)
+        self.routes = RouteTable(settings)
+        self._tz = settings.quota.tz
+        self._reset = settings.quota.reset_time
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, CHAT)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, EMBEDDINGS)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        self.auth.authenticate(request.headers)
+        created = int(self.clock().timestamp())
+        ids = list(dict.fromkeys([*self.routes.aliases, *self.catalog.all_models()]))
+        data = [
+            {"id": i, "object": "model", "created": created, "owned_by": "modelscope-router"}
+            for i in ids
+        ]
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+        )
+
+    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        request_id = request_id_of(request)
+        started = time.monotonic()
+        client, model, provider, status = "unknown", "none", "none", 500
+        self.metrics.inflight.inc()
+        try:
+            client = self.auth.authenticate(request.headers)
+            call = parse_call(await request.read(), endpoint, client, request_id)
+            model = self._model_label(call.model)
+            response = await self._forward(request, call)
+            provider = response.headers.get("x-router-provider", "none")
+            status = response.status
+            return response
+        except RouterError as exc:
+            status = exc.status
+            exc.headers["x-request-id"] = request_id
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(client, model, provider, str(status)).inc()
+            self.metrics.request_duration.labels(provider).observe(time.monotonic() - started)
+
+    def _model_label(self, model: str) -> str:
+        # Bounded label set: a client sending random names cannot blow up the series count.
+        if model in self.routes.aliases or model in self.catalog.all_models():
+            return model
+        return "other"
+
+    # -- the failover loop ------------------------------------------------------------------
+
+    async def _forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+        routes = known_routes(self.routes.resolve(call.model), self.catalog.models)
+        if not routes:
+            raise NotFound(
+                f"The model '{call.model}' does not exist or no configured provider serves it.",
+                code="model_not_found",
+                param="model",
+            )
+        progress = _Progress(deadline=time.monotonic() + self.settings.retry.deadline_seconds)
+        for index, route in enumerate(routes):
+            answer = await self._try_route(request, call, route, index, progress)
+            if answer is not None:
+                return answer
+            if self._out_of_attempts(progress):
+                break
+        raise self._no_route_error(call, len(routes), progress)
+
+    def _out_of_attempts(self, progress: _Progress) -> bool:
+        return progress.failures >= self.settings.retry.max_attempts or progress.remaining() <= 0
+
+    async def _try_route(
+        self, request: web.Request, call: Call, route: Route, index: int, progress: _Progress
+    ) -> web.StreamResponse | None:
+        specs = self.pool.specs(route.provider, route.model)
+        # Each NEXT_KEY takes a key out of the pool, so this bound is never the one that stops.
+        for _ in range(len(specs) + self.settings.retry.max_attempts + 1):
+            if self._out_of_attempts(progress):
+                return None
+            reservation = await self._reserve(route, specs)
+            if isinstance(reservation, NoCapacity):
+                progress.blocked.append(reservation)
+                return None
+            self._count_failover(progress, route)
+            verdict, reply = await self._attempt(call, route, reservation, progress)
+            await self._settle(reservation, verdict)
+            action = verdict.action
+            if action is Action.RETURN:
+                assert reply is not None
+                if index > 0 and verdict.outcome is Outcome.OK:
+                    self.metrics.fallback_requests.labels(route.provider.name).inc()
+                return await self._answer(request, call, reservation, reply)
+            if reply is not None:
+                reply.close()
+            self.metrics.upstream_errors.labels(
+                route.provider.name, reservation.key, verdict.row
+            ).inc()
+            progress.moving_from = (route.provider.name, verdict.outcome.value)
+            progress.last_failure = verdict
+            if action is Action.NEXT_ROUTE:
+                progress.unavailable += 1
+                return None
+            if action is Action.RETRY:
+                progress.failures += 1
+        return None
+
+    def _count_failover(self, progress: _Progress, route: Route) -> None:
+        if progress.moving_from is not None:
+            source, reason = progress.moving_from
+            self.metrics.failovers.labels(source, route.provider.name, reason).inc()
+            progress.moving_from = None
+
+    async def _reserve(self, route: Route, specs: tuple[KeySpec, ...]) -> Reservation | NoCapacity:
+        now = self.clock()
+        req = ReserveRequest(
+            provider=route.provider.name,
+            model=route.model,
+            keys=specs,
+            strategy=route.provider.strategy,
+            day=quota_day(now, self._tz, self._reset),
+            now_ms=to_ms(now),
+            day_end_ms=to_ms(next_reset(now, self._tz, self._reset)),
+        )
+        try:
+            return await self.store.reserve(req)
+        except StoreError as exc:
+            log.error("quota store unavailable: %s", exc)
+            raise StoreUnavailable(
+                "The quota store is unavailable; try again shortly.",
+                headers={"Retry-After": "5"},
+            ) from None
+
+    async def _attempt(
+        self, call: Call, route: Route, res: Reservation, progress: _Progress
+    ) -> tuple[Verdict, UpstreamReply | None]:
+        secret = self.pool.secret(route.provider.name, res.key)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(progress.remaining(), 0.001)):
+                reply = await self.upstreams.send(
+                    route.provider, call.endpoint, secret, call.body_for(route), stream=call.stream
+                )
+        except TransportError as exc:
+            return classify_transport(exc.failure, exc.detail), None
+        except TimeoutError:
+            return classify_transport(
+                TransportFailure.READ_TIMEOUT, "request deadline reached"
+            ), None
+        self.metrics.upstream_duration.labels(route.provider.name, res.key).observe(
+            time.monotonic() - started
+        )
+        verdict = classify(
+            route.provider.type,
+            reply.status,
+            reply.response.headers,
+            reply.body if reply.body is not None else b"",
+            stream=call.stream,
+        )
+        return verdict, reply
+
+    async def _settle(self, res: Reservation, verdict: Verdict) -> None:
+        settlement = settlement_for(verdict, daily_limit=res.daily_limit)
+        if not worth_settling(settlement, res):
+            return
+        try:
+            result = await self.store.settle(res, settlement, to_ms(self.clock()))
+        except StoreError as exc:
+            log.warning(
+                "could not record %s for %s/%s: %s", verdict.row, res.provider, res.key, exc
+            )
+            return
+        if result.newly_disabled:
+            log.error(
+                "KEY DISABLED: provider %s key %s was rejected upstream (%s: %s); "
+                "fix or replace its secret, then reload",
+                res.provider,
+                res.key,
+                verdict.row,
+                verdict.message,
+            )
+        elif result.exhausted:
+            log.info(
+                "%s/%s out for the day (%s) for %s",
+                res.provider,
+                res.key,
+                result.exhausted,
+                res.model,
+            )
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def _router_headers(self, call: Call, res: Reservation) -> dict[str, str]:
+        return {
+            "x-request-id": call.request_id,
+            "x-router-provider": res.provider,
+            "x-router-key": res.key,
+        }
+
+    async def _answer(
+        self, request: web.Request, call: Call, res: Reservation, reply: UpstreamReply
+    ) -> web.StreamResponse:
+        headers = self._router_headers(call, res)
+        if reply.first_chunk is None:
+            reply.close()
+            content_type = reply.response.headers.get("Content-Type", "application/json")
+            headers["Content-Type"] = content_type
+            return web.Response(status=reply.status, body=reply.body or b"", headers=headers)
+        return await self._relay_stream(request, reply, headers)
+
+    async def _relay_stream(
+        self, request: web.Request, reply: UpstreamReply, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Pass chunks on as they arrive; a stream that breaks ends with an error event."""
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = "text/event-stream"
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        chunks = reply.response.content.iter_any()
+        tail = b""
+        chunk = reply.first_chunk or b""
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    await response.write(chunk)
+                except (ConnectionError, RuntimeError):
+                    self.metrics.stream_aborts.labels("client").inc()
+                    return response
+                tail = (tail + chunk)[-64:]
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    await self._end_broken_stream(
+                        response, f"the upstream stream broke: {type(exc).__name__}"
+                    )
+                    return response
+            if _DONE not in tail:
+                await self._end_broken_stream(response, "the upstream stream ended without [DONE]")
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            reply.close()
+
+    async def _end_broken_stream(self, response: web.StreamResponse, message: str) -> None:
+        self.metrics.stream_aborts.labels("upstream").inc()
+        log.warning("stream aborted: %s", message)
+        try:
+            await response.write(sse_error_event(message))
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    def _no_route_error(self, call: Call, routes: int, progress: _Progress) -> RouterError:
+        if progress.blocked:
+            return self._pool_exhausted(call, progress.blocked)
+        if progress.unavailable >= routes:
+            return NotFound(
+                f"The model '{call.model}' is not served by any configured provider.",
+                code="model_not_found",
+                param="model",
+            )
+        last = progress.last_failure
+        detail = f" (last: {last.row})" if last is not None else ""
+        if progress.remaining() <= 0 or (last is not None and last.row.endswith("timeout")):
+            return UpstreamTimeout(f"The upstream did not answer in time{detail}.")
+        return UpstreamError(f"Every upstream attempt failed{detail}; try again shortly.")
+
+    def _pool_exhausted(self, call: Call, blocked: list[NoCapacity]) -> PoolExhausted:
+        now = self.clock()
+        reset = next_reset(now, self._tz, self._reset)
+        cooling = [b.retry_at_ms for b in blocked if b.retry_at_ms is not None]
+        reset_text = reset.strftime("%Y-%m-%d %H:%M") + f" {self.settings.quota.timezone}"
+        if cooling:
+            wait = (min(cooling) - to_ms(now)) / 1000
+            return PoolExhausted(
+                f"Every key that serves '{call.model}' is spent or cooling down after upstream "
+                f"throttling; retry in {max(1, round(wait))} s. "
+                f"The daily quota resets at {reset_text}.",
+                retry_after_s=wait,
+                code="rate_limited",
+            )
+        wait = (reset - now).total_seconds()
+        return PoolExhausted(
+            f"The daily quota pool for '{call.model}' is spent on every route; "
+            f"it resets at {reset_text} (in {_duration(wait)}).",
+            retry_after_s=wait,
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes = max(1, round(seconds / 60))
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes} min"

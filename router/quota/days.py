@@ -1,0 +1,44 @@
+"""Quota-day arithmetic: which calendar day a moment counts against, and when it ends. Pure."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+
+def quota_day(now: datetime, tz: ZoneInfo, reset_time: time) -> str:
+    """The quota day ``now`` counts against, as "YYYYMMDD" in the quota's time zone.
+
+    A day starts at ``reset_time`` local time: with a 00:00 reset in Asia/Shanghai,
+    2026-11-29T15:59:59.999Z is day 20261129 and 2026-11-29T16:00:00Z is day 20261130.
+    """
+    local = _aware(now).astimezone(tz)
+    day = local.date()
+    if local.timetz().replace(tzinfo=None) < reset_time:
+        day -= timedelta(days=1)
+    return day.strftime("%Y%m%d")
+
+
+def next_reset(now: datetime, tz: ZoneInfo, reset_time: time) -> datetime:
+    """The first reset strictly after ``now`` (an aware datetime in ``tz``)."""
+    local = _aware(now).astimezone(tz)
+    # Build wall-clock times and let zoneinfo resolve them: right across DST where a zone has it.
+    candidate = datetime.combine(local.date(), reset_time, tzinfo=tz)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), reset_time, tzinfo=tz)
+    return candidate
+
+
+def to_ms(moment: datetime) -> int:
+    """Unix milliseconds of an aware datetime."""
+    return int(_aware(moment).timestamp() * 1000)
+
+
+def _aware(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError("quota arithmetic needs an aware datetime")
+    return moment
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,62 @@
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router.quota.days import next_reset, quota_day, to_ms
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+MIDNIGHT = time(0, 0)
+
+
+def test_shanghai_midnight_is_16_utc() -> None:
+    before = datetime(2026, 11, 29, 15, 59, 59, 999000, tzinfo=UTC)
+    after = datetime(2026, 11, 29, 16, 0, 0, tzinfo=UTC)
+    assert quota_day(before, SHANGHAI, MIDNIGHT) == "20261129"
+    assert quota_day(after, SHANGHAI, MIDNIGHT) == "20261130"
+
+
+def test_utc_midnight_is_not_a_boundary() -> None:
+    before = datetime(2026, 11, 29, 23, 59, 59, tzinfo=UTC)
+    after = datetime(2026, 11, 30, 0, 0, 1, tzinfo=UTC)
+    assert quota_day(before, SHANGHAI, MIDNIGHT) == quota_day(after, SHANGHAI, MIDNIGHT)
+
+
+def test_custom_reset_time() -> None:
+    tz = ZoneInfo("Asia/Shanghai")
+    at_0759 = datetime(2026, 11, 30, 7, 59, tzinfo=tz)
+    at_0800 = datetime(2026, 11, 30, 8, 0, tzinfo=tz)
+    assert quota_day(at_0759, tz, time(8, 0)) == "20261129"
+    assert quota_day(at_0800, tz, time(8, 0)) == "20261130"
+    assert next_reset(at_0759, tz, time(8, 0)) == at_0800
+    assert next_reset(at_0800, tz, time(8, 0)) == at_0800 + timedelta(days=1)
+
+
+def test_next_reset_in_shanghai() -> None:
+    now = datetime(2026, 11, 29, 14, 0, tzinfo=UTC)
+    reset = next_reset(now, SHANGHAI, MIDNIGHT)
+    assert reset == datetime(2026, 11, 29, 16, 0, tzinfo=UTC)
+    assert to_ms(reset) - to_ms(now) == 2 * 3600 * 1000
+
+
+def test_naive_datetime_refused() -> None:
+    with pytest.raises(ValueError, match="aware"):
+        quota_day(datetime(2026, 1, 1), SHANGHAI, MIDNIGHT)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+    st.sampled_from(["Asia/Shanghai", "UTC", "America/New_York", "Europe/Berlin"]),
+    st.times(),
+)
+def test_day_changes_exactly_at_next_reset(now: datetime, zone: str, reset: time) -> None:
+    tz = ZoneInfo(zone)
+    boundary = next_reset(now, tz, reset)
+    assert boundary > now
+    day = quota_day(now, tz, reset)
+    assert quota_day(boundary - timedelta(microseconds=1), tz, reset) == day
+    assert quota_day(boundary, tz, reset) != day
