@@ -122,6 +122,9 @@ def create_app(
             )
         ]
         if fetch_catalog:
+            # One bounded first look, so unknown models are refused from the first request on.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(app[CATALOG].refresh(app[UPSTREAMS], app[POOL]), 5)
             tasks.append(asyncio.create_task(app[CATALOG].run(app[UPSTREAMS], app[POOL])))
         yield
         for task in tasks:

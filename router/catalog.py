@@ -24,12 +24,19 @@ class Catalog:
             p.name: (frozenset(p.models) if p.models is not None else None) for p in self._providers
         }
 
-    def all_models(self) -> list[str]:
+        self._recount()
+
+    def _recount(self) -> None:
         seen: dict[str, None] = {}
         for served in self.models.values():
             for model in sorted(served or ()):
                 seen.setdefault(model, None)
-        return list(seen)
+        self._all = tuple(seen)
+        self.known = frozenset(seen)
+
+    def all_models(self) -> tuple[str, ...]:
+        """Every listed model id, provider by provider, without repeats."""
+        return self._all
 
     async def refresh(self, upstreams: Upstreams, pool: KeyPool) -> bool:
         """Fetch every provider's list once; True when all lists are known."""
@@ -52,14 +59,18 @@ class Catalog:
             )
             return False
         self.models[provider.name] = ids
+        self._recount()
         log.info("provider %s lists %d models", provider.name, len(ids))
         return True
 
     async def run(self, upstreams: Upstreams, pool: KeyPool) -> None:
-        """Refresh forever: soon after a failure, every ten minutes after a success."""
+        """Refresh after the first look: soon while a list is missing, else every 10 min."""
         while True:
-            ok = await self.refresh(upstreams, pool)
-            await asyncio.sleep(REFRESH_SECONDS if ok else RETRY_SECONDS)
+            await asyncio.sleep(REFRESH_SECONDS if self.complete() else RETRY_SECONDS)
+            await self.refresh(upstreams, pool)
+
+    def complete(self) -> bool:
+        return all(served is not None for served in self.models.values())
 
 
 def _model_ids(document: object) -> frozenset[str]:

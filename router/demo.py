@@ -5,11 +5,14 @@ Everything runs on loopback in this process; nothing reaches a real ModelScope o
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 from rich.console import Console
@@ -17,6 +20,7 @@ from rich.table import Table
 
 from router.app import create_app
 from router.config import Settings
+from router.quota.days import next_reset
 from router.simulator import Simulator, default_simulator_config
 
 CLIENT_KEY = "sk-router-demo"
@@ -68,18 +72,34 @@ async def running(app: web.Application, host: str = "127.0.0.1") -> AsyncIterato
         await runner.cleanup()
 
 
+class DemoClock:
+    """Real time plus a fast-forward offset, shared by the gateway and the simulator."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def seconds(self) -> float:
+        return self().timestamp()
+
+
 async def run_demo(console: Console | None = None) -> int:
     try:
         from openai import AsyncOpenAI, RateLimitError
     except ImportError:
         print("the demo needs the openai package: pip install 'modelscope-router[demo]'")
         return 1
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, width=120)
+    for noisy in ("httpx", "httpx2", "openai"):  # the openai client logs every request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    clock = DemoClock()
     with tempfile.TemporaryDirectory() as tmp:
         store_url = f"sqlite:///{Path(tmp) / 'demo.sqlite3'}"
-        async with Simulator(default_simulator_config()) as sim:
+        async with Simulator(default_simulator_config(), clock=clock.seconds) as sim:
             settings = demo_settings(sim.modelscope_url, sim.bailian_url, store_url)
-            async with running(create_app(settings)) as url:
+            async with running(create_app(settings, clock=clock)) as url:
                 console.print(
                     f"[bold]Simulator[/bold]: ModelScope {sim.modelscope_url} (tokens alice, bob, "
                     f"carol: 3 calls a day each), Bailian {sim.bailian_url} (key main: 5 calls)"
@@ -87,41 +107,70 @@ async def run_demo(console: Console | None = None) -> int:
                 console.print(f"[bold]Gateway[/bold]: {url}/v1 on the embedded store ({store_url})")
                 client = AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0)
                 try:
-                    await _script(console, client, sim, RateLimitError)
+                    await Script(console, client, RateLimitError).run(sim, clock)
                 finally:
                     await client.close()
+                stats = sim.state.stats()
+                met = sum(stats[p]["rejected"].get("429", 0) for p in ("modelscope", "bailian"))
+                console.print(
+                    f"Upstream successes counted by the simulator: {stats['calls']}. "
+                    f"Upstream 429s met by the gateway: {met}, each answered by a failover; "
+                    "every 429 above is the gateway's own, sent only when no key could serve."
+                )
     return 0
 
 
-async def _script(console: Console, client: Any, sim: Simulator, rate_limit_error: Any) -> None:
-    table = Table(title=f"16 calls to {MODEL} through the gateway (openai client)")
-    for column in ("#", "what happened upstream", "served by", "answer"):
-        table.add_column(column)
-    sim.faults.add("throttle", token="alice", count=1)
-    for number in range(1, 17):
-        note = "alice throttled (429) -> failed over" if number == 1 else ""
-        stream = number == 2
+class Script:
+    """The demo's story, one openai call a row."""
+
+    def __init__(self, console: Console, client: Any, rate_limit_error: Any) -> None:
+        self.console = console
+        self.client = client
+        self.rate_limit_error = rate_limit_error
+        self.number = 0
+        self.table = Table(title=f"Calls to {MODEL} through the gateway (official openai client)")
+        for column in ("#", "what happened", "served by", "answer"):
+            self.table.add_column(column)
+
+    async def run(self, sim: Simulator, clock: DemoClock) -> None:
+        sim.faults.add("retry_after:30", token="alice", count=1)
+        await self.call("alice answered 429 (throttled, Retry-After 30): failed over at once")
+        await self.call("streamed", stream=True)
+        await self.until_429("ModelScope keys in turn, then the paid fallback")
+        clock.offset += timedelta(seconds=30)
+        self.table.add_row("", "[bold]30 s later[/bold]: alice's cooldown is over", "", "")
+        await self.until_429("alice serves again")
+        now = clock()
+        tomorrow = next_reset(now, ZoneInfo("Asia/Shanghai"), time(0, 0))
+        clock.offset += tomorrow - now
+        self.table.add_row("", "[bold]00:00 Asia/Shanghai[/bold]: a new quota day", "", "")
+        await self.call("the free pool is back: traffic returns to ModelScope")
+        self.console.print(self.table)
+
+    async def until_429(self, note: str) -> None:
+        for _ in range(20):
+            if not await self.call(note):
+                return
+            note = ""
+
+    async def call(self, note: str, stream: bool = False) -> bool:
+        self.number += 1
         try:
-            provider, key, text = await _ask(client, stream)
-        except rate_limit_error as exc:
+            provider, key, text = await _ask(self.client, stream)
+        except self.rate_limit_error as exc:
             retry_after = exc.response.headers.get("retry-after")
-            table.add_row(
-                str(number),
-                "every key spent",
+            message = exc.body.get("message", "") if isinstance(exc.body, dict) else str(exc)
+            self.table.add_row(
+                str(self.number),
+                "no key can serve",
                 "[red]429[/red]",
-                f"{exc.message} (Retry-After {retry_after} s)",
+                f"{message} [Retry-After: {retry_after} s]",
             )
-            continue
+            return False
         if provider == "bailian" and not note:
-            note = "ModelScope pool spent -> paid fallback"
-        if stream:
-            note = (note + "; " if note else "") + "streamed"
-        table.add_row(str(number), note, f"{provider}/{key}", text)
-    console.print(table)
-    stats = sim.state.stats()
-    console.print(
-        f"Upstream successes counted by the simulator: {stats['calls']} (9 ModelScope + 5 Bailian)"
-    )
+            note = "paid fallback"
+        self.table.add_row(str(self.number), note, f"{provider}/{key}", text)
+        return True
 
 
 async def _ask(client: Any, stream: bool) -> tuple[str, str, str]:

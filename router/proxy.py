@@ -205,7 +205,7 @@ class Proxy:
 
     def _model_label(self, model: str) -> str:
         # Bounded label set: a client sending random names cannot blow up the series count.
-        if model in self.routes.aliases or model in self.catalog.all_models():
+        if model in self.catalog.known or self.routes.has_alias(model):
             return model
         return "other"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -13,8 +14,8 @@ from router.routing import upstream_model_name
 
 def _secret_source(key: KeyConfig) -> str:
     if key.secret_file is not None:
-        return f"•••• (file {key.secret_file})"
-    return "•••• (inline/env)"
+        return f"•••• file {key.secret_file}"
+    return "•••• set"
 
 
 def _limit(value: int | None) -> str:
@@ -22,7 +23,7 @@ def _limit(value: int | None) -> str:
 
 
 def print_pool(settings: Settings, path: Path, console: Console | None = None) -> None:
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     console.print(f"[bold]{path}[/bold]: valid")
     console.print(
         f"server {settings.server.host}:{settings.server.port} · store "

@@ -38,9 +38,10 @@ class RouteTable:
             for alias in settings.models
         }
 
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        return tuple(self._aliases)
+        self.aliases: tuple[str, ...] = tuple(self._aliases)
+
+    def has_alias(self, model_id: str) -> bool:
+        return model_id in self._aliases
 
     def resolve(self, model_id: str) -> tuple[Route, ...]:
         routes = self._aliases.get(model_id)

@@ -47,9 +47,9 @@ class DayState:
     disabled: dict[str, str]
 
 
-small = st.integers(0, 7)
+small = st.integers(0, 3)
 maybe_small = st.none() | small
-limits = st.none() | st.integers(0, 6)
+limits = st.none() | st.sampled_from([0, 1, 3, 5])
 cooldowns = st.tuples(st.integers(NOW - 4000, NOW + 4000), st.integers(1, 5))
 
 
@@ -58,31 +58,52 @@ def _put(fields: dict[str, str], field: str, value: object) -> None:
         fields[field] = value if isinstance(value, str) else str(value)
 
 
+def _sometimes(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> Any:
+    """A value one time in six, else None: most keys stay eligible, so picks and ties occur."""
+    return draw(values) if draw(st.integers(0, 5)) == 0 else None
+
+
+def _cooldown(draw: st.DrawFn) -> str | None:
+    cooling = _sometimes(draw, cooldowns)
+    return None if cooling is None else logic.format_cooldown(*cooling)
+
+
 def _draw_key_fields(draw: st.DrawFn, name: str, fields: dict[str, str]) -> None:
     _put(fields, k.used_field(name), draw(maybe_small))
-    _put(fields, k.exhausted_field(name), draw(st.none() | st.sampled_from(["429", "x"])))
-    cooling = draw(st.none() | cooldowns)
-    _put(fields, k.cooling_field(name), cooling and logic.format_cooldown(*cooling))
-    _put(fields, k.ambiguous_field(name), draw(st.none() | st.sampled_from(MODELS)))
+    _put(fields, k.exhausted_field(name), _sometimes(draw, st.sampled_from(["429", "x"])))
+    _put(fields, k.cooling_field(name), _cooldown(draw))
+    _put(fields, k.ambiguous_field(name), _sometimes(draw, st.sampled_from(MODELS)))
     for model in MODELS:
         _put(fields, k.model_used_field(name, model), draw(maybe_small))
-        exhausted = draw(st.none() | st.just("429"))
-        _put(fields, k.model_exhausted_field(name, model), exhausted)
-        cooling = draw(st.none() | cooldowns)
-        _put(
-            fields, k.model_cooling_field(name, model), cooling and logic.format_cooldown(*cooling)
-        )
+        _put(fields, k.model_exhausted_field(name, model), _sometimes(draw, st.just("429")))
+        _put(fields, k.model_cooling_field(name, model), _cooldown(draw))
+
+
+def _copy_key(fields: dict[str, str], source: str, name: str) -> None:
+    """Give ``name`` the same fields as ``source``: twins make ties, which decide the order."""
+    for field, value in list(fields.items()):
+        parsed = k.parse_field(field)
+        if parsed is not None and parsed.key == source:
+            suffix = "" if parsed.model is None else f"{k.SEP}{parsed.model}"
+            fields[f"{parsed.kind}{k.SEP}{name}{suffix}"] = value
 
 
 @st.composite
 def day_states(draw: st.DrawFn) -> DayState:
-    specs, fields, disabled = [], {}, {}
+    specs: list[KeySpec] = []
+    fields: dict[str, str] = {}
+    disabled: dict[str, str] = {}
     for i in range(draw(st.integers(1, 6))):
         name = f"key-{i}.x_"
         fingerprint = draw(st.sampled_from(FINGERPRINTS))
-        specs.append(KeySpec(name, fingerprint, draw(limits), draw(limits)))
-        _draw_key_fields(draw, name, fields)
-        record = draw(st.none() | st.sampled_from(FINGERPRINTS))
+        if specs and draw(st.booleans()):
+            twin = specs[-1]
+            specs.append(KeySpec(name, fingerprint, twin.daily_limit, twin.model_limit))
+            _copy_key(fields, twin.name, name)
+        else:
+            specs.append(KeySpec(name, fingerprint, draw(limits), draw(limits)))
+            _draw_key_fields(draw, name, fields)
+        record = _sometimes(draw, st.sampled_from(FINGERPRINTS))
         _put(disabled, name, record and logic.disabled_record(record, "401"))
     _put(fields, k.CURSOR_FIELD, draw(st.none() | st.integers(0, 13)))
     return DayState(tuple(specs), fields, disabled)

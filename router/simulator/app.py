@@ -153,8 +153,16 @@ async def fault_reset(call: Call, rule: FaultRule) -> web.StreamResponse | None:
 
 
 async def fault_hang(call: Call, rule: FaultRule) -> web.StreamResponse | None:
-    # Cancelled when the client disconnects (handler_cancellation); ends at shutdown.
-    await call.ctx.closing.wait()
+    # Ends when the client disconnects (at once under handler_cancellation, else on the
+    # next transport check) or when the simulator shuts down.
+    transport = call.request.transport
+    while transport is not None and not transport.is_closing():
+        try:
+            async with asyncio.timeout(0.05):
+                await call.ctx.closing.wait()
+        except TimeoutError:
+            continue
+        break
     drop_connection(call.request)
     return web.Response()
 

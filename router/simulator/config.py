@@ -137,7 +137,7 @@ def default_simulator_config() -> SimulatorConfig:
         ModelScopeToken(secret=f"ms-demo-{n}", name=n, daily_limit=3, model_daily_limit=3)
         for n in ("alice", "bob", "carol")
     ]
-    keys = [BailianKey(secret="sk-demo-bailian", name="bailian", daily_limit=5)]  # noqa: S106
+    keys = [BailianKey(secret="sk-demo-bailian", name="bailian", daily_limit=5)]
     return SimulatorConfig(
         modelscope=ModelScopeConfig(tokens=tokens),
         bailian=BailianConfig(keys=keys),

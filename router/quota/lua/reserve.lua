@@ -88,7 +88,7 @@ for j = 0, n - 1 do
     else
       -- Scanning from the cursor and replacing only on strictly more breaks ties in turn.
       local r = remaining(k)
-      if r >= best_remaining then best, best_remaining = i, r end
+      if r > best_remaining then best, best_remaining = i, r end
     end
   end
 end

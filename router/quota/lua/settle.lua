@@ -58,7 +58,7 @@ if scope == 'ambiguous' then
   local ambiguous_f = 'a|' .. key
   local first_model = redis.call('HGET', day_map, ambiguous_f)
   local nearly_out = daily_limit ~= nil
-    and daily_limit - count(used_f) < tonumber(ARGV[12])
+    and daily_limit - count(used_f) <= tonumber(ARGV[12])
   -- A second model refused on the same day means the key itself is out.
   if nearly_out or (first_model and first_model ~= model) then
     scope = 'key'
