@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, time
 from zoneinfo import ZoneInfo
 
@@ -21,12 +21,14 @@ async def watch_day_rollover(
     tz: ZoneInfo,
     reset_time: time,
     on_rollover: Callable[[str, str], None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
+    """Log (and report to ``on_rollover``) each change of quota day, forever."""
     day = quota_day(clock(), tz, reset_time)
     while True:
         now = clock()
         wait = (next_reset(now, tz, reset_time) - now).total_seconds()
-        await asyncio.sleep(min(max(wait, 0.01), MAX_NAP_SECONDS))
+        await sleep(min(max(wait, 0.01), MAX_NAP_SECONDS))
         today = quota_day(clock(), tz, reset_time)
         if today != day:
             log.info(

@@ -61,6 +61,8 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            # fsync every write: a SIGKILL right after a write must not lose it in tests
+            "--appendfsync", "always",
             "--dir", str(self.dir),
             "--logfile", "redis.log",
         ]  # fmt: skip

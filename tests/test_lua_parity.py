@@ -7,11 +7,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from router.quota import keys as k
@@ -49,8 +50,13 @@ class DayState:
 
 small = st.integers(0, 3)
 maybe_small = st.none() | small
-limits = st.none() | st.sampled_from([0, 1, 3, 5])
-cooldowns = st.tuples(st.integers(NOW - 4000, NOW + 4000), st.integers(1, 5))
+limits = st.none() | st.sampled_from([0, 2, 4, 6])
+# Untils on and next to NOW, where "still cooling" flips, as well as spread around it.
+untils = st.sampled_from([NOW - 1, NOW, NOW + 1]) | st.integers(NOW - 4000, NOW + 4000)
+cooldowns = st.tuples(untils, st.integers(1, 5))
+nows = st.just(NOW) | st.integers(NOW - 1000, NOW + 1000)
+# Per key: 1 in N for each exhausted/ambiguous field, 1 in M for each cooldown (0 = never).
+FLAG_ODDS = {"clean": (0, 0), "sparse": (6, 6), "dense": (2, 2), "cooling": (0, 2)}
 
 
 def _put(fields: dict[str, str], field: str, value: object) -> None:
@@ -58,25 +64,24 @@ def _put(fields: dict[str, str], field: str, value: object) -> None:
         fields[field] = value if isinstance(value, str) else str(value)
 
 
-def _sometimes(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> Any:
-    """A value one time in six, else None: most keys stay eligible, so picks and ties occur."""
-    return draw(values) if draw(st.integers(0, 5)) == 0 else None
-
-
-def _cooldown(draw: st.DrawFn) -> str | None:
-    cooling = _sometimes(draw, cooldowns)
-    return None if cooling is None else logic.format_cooldown(*cooling)
-
-
 def _draw_key_fields(draw: st.DrawFn, name: str, fields: dict[str, str]) -> None:
+    flag_odds, cooling_odds = FLAG_ODDS[draw(st.sampled_from(sorted(FLAG_ODDS)))]
+
+    def sometimes(values: st.SearchStrategy[Any], odds: int = flag_odds) -> Any:
+        return draw(values) if odds and draw(st.integers(1, odds)) == 1 else None
+
+    def cooldown() -> str | None:
+        cooling = sometimes(cooldowns, cooling_odds)
+        return None if cooling is None else logic.format_cooldown(*cooling)
+
     _put(fields, k.used_field(name), draw(maybe_small))
-    _put(fields, k.exhausted_field(name), _sometimes(draw, st.sampled_from(["429", "x"])))
-    _put(fields, k.cooling_field(name), _cooldown(draw))
-    _put(fields, k.ambiguous_field(name), _sometimes(draw, st.sampled_from(MODELS)))
+    _put(fields, k.exhausted_field(name), sometimes(st.sampled_from(["429", "x"])))
+    _put(fields, k.cooling_field(name), cooldown())
+    _put(fields, k.ambiguous_field(name), sometimes(st.sampled_from(MODELS)))
     for model in MODELS:
         _put(fields, k.model_used_field(name, model), draw(maybe_small))
-        _put(fields, k.model_exhausted_field(name, model), _sometimes(draw, st.just("429")))
-        _put(fields, k.model_cooling_field(name, model), _cooldown(draw))
+        _put(fields, k.model_exhausted_field(name, model), sometimes(st.just("429")))
+        _put(fields, k.model_cooling_field(name, model), cooldown())
 
 
 def _copy_key(fields: dict[str, str], source: str, name: str) -> None:
@@ -96,16 +101,19 @@ def day_states(draw: st.DrawFn) -> DayState:
     for i in range(draw(st.integers(1, 6))):
         name = f"key-{i}.x_"
         fingerprint = draw(st.sampled_from(FINGERPRINTS))
-        if specs and draw(st.booleans()):
+        twin_of_previous = draw(st.booleans())
+        if specs and twin_of_previous:
             twin = specs[-1]
             specs.append(KeySpec(name, fingerprint, twin.daily_limit, twin.model_limit))
             _copy_key(fields, twin.name, name)
         else:
             specs.append(KeySpec(name, fingerprint, draw(limits), draw(limits)))
             _draw_key_fields(draw, name, fields)
-        record = _sometimes(draw, st.sampled_from(FINGERPRINTS))
-        _put(disabled, name, record and logic.disabled_record(record, "401"))
-    _put(fields, k.CURSOR_FIELD, draw(st.none() | st.integers(0, 13)))
+        if draw(st.integers(0, 5)) == 0:
+            record = draw(st.sampled_from(FINGERPRINTS))
+            disabled[name] = logic.disabled_record(record, "401")
+    cursor = draw(st.integers(-1, 13))  # -1: no cursor yet
+    _put(fields, k.CURSOR_FIELD, None if cursor < 0 else cursor)
     return DayState(tuple(specs), fields, disabled)
 
 
@@ -142,15 +150,19 @@ class Lua:
     def load(self, state: DayState) -> None:
         self.admin.delete(self.day_key, self.disabled_key)
         if state.fields:
-            self.admin.hset(self.day_key, mapping=state.fields)
+            self.admin.hset(self.day_key, items=list(chain(*state.fields.items())))
         if state.disabled:
-            self.admin.hset(self.disabled_key, mapping=state.disabled)
+            self.admin.hset(self.disabled_key, items=list(chain(*state.disabled.items())))
 
     def run(self, call: Callable[[RedisStore], Any]) -> Any:
         return self.loop.run_until_complete(call(self.store))
 
     def maps(self) -> tuple[dict[str, str], dict[str, str]]:
-        return self.admin.hgetall(self.day_key), self.admin.hgetall(self.disabled_key)
+        day = self.admin.hgetall(self.day_key)
+        disabled = self.admin.hgetall(self.disabled_key)
+        return {str(f): str(v) for f, v in day.items()}, {
+            str(f): str(v) for f, v in disabled.items()
+        }
 
     def close(self) -> None:
         self.admin.delete(self.day_key, self.disabled_key)
@@ -166,13 +178,34 @@ def lua(redis_server: RedisServer) -> Iterator[Lua]:
     runner.close()
 
 
+def _state(*fields: tuple[str, object], keys: int = 2) -> DayState:
+    specs = tuple(KeySpec(f"k{i}", "fpA", None, None) for i in range(keys))
+    return DayState(specs, {f: str(v) for f, v in fields}, {})
+
+
+# Edges random maps reach only now and then: pinned so every run checks them.
+RESERVE_EDGES = [
+    _state(("c|k0", f"{NOW}:1")),  # a cooldown ending now is over
+    # available at the later of key and model cooldown; retry_at the earliest such
+    _state(
+        ("c|k0", f"{NOW + 3000}:1"), ("c|k0|plain", f"{NOW + 1000}:1"), ("c|k1", f"{NOW + 2000}:1")
+    ),
+    _state(("u|k1", 1), ("rr", 1), keys=3),  # most_remaining tie after the cursor
+]
+SETTLE_EDGES = [
+    (_state(("c|k0", f"{NOW + 500}:3")), Settlement(cooldown=Cooldown("key", 10, 10, fixed=True))),
+    (_state(("a|k0", "plain")), Settlement(exhaust="ambiguous")),
+    (_state(("a|k0", "other")), Settlement(exhaust="ambiguous", remaining=0)),
+]
+
+
 def test_reserve_lua_matches_reserve_on(lua: Lua) -> None:
     @EXAMPLES
     @given(
         state=day_states(),
         strategy=st.sampled_from(Strategy),
         model=st.sampled_from(MODELS),
-        now=st.integers(NOW - 1000, NOW + 1000),
+        now=nows,
     )
     def check(state: DayState, strategy: Strategy, model: str, now: int) -> None:
         req = ReserveRequest(PROVIDER, model, state.specs, strategy, DAY, now, now + 3_600_000)
@@ -181,6 +214,9 @@ def test_reserve_lua_matches_reserve_on(lua: Lua) -> None:
         assert lua.run(lambda store: store.reserve(req)) == expected
         assert lua.maps() == ({**state.fields, **changed}, state.disabled)
 
+    for state in RESERVE_EDGES:
+        for strategy in Strategy:
+            check = example(state=state, strategy=strategy, model="plain", now=NOW)(check)
     check()
 
 
@@ -193,7 +229,7 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
         fingerprint=st.sampled_from(FINGERPRINTS),
         key_limits=st.tuples(limits, limits),
         settlement=settlements,
-        now=st.integers(NOW - 1000, NOW + 1000),
+        now=nows,
         day_end_in=st.integers(0, 30_000),
     )
     def check(
@@ -220,4 +256,15 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
             {**state.disabled, **changed_disabled},
         )
 
+    for state, settlement in SETTLE_EDGES:
+        check = example(
+            state=state,
+            pick=0,
+            model="plain",
+            fingerprint="fpA",
+            key_limits=(10, None),
+            settlement=settlement,
+            now=NOW,
+            day_end_in=30_000,
+        )(check)
     check()

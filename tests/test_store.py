@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from router.quota.factory import open_store
+from router.quota.memory_store import MemoryStore
 from router.quota.redis_store import RedisStore
 from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore, StoreError
@@ -88,7 +89,7 @@ async def test_reserve_counts_and_never_exceeds_key_limits(store: QuotaStore) ->
     reservations = [r for r in got if isinstance(r, Reservation)]
     assert Counter(r.key for r in reservations) == {"a": 3, "b": 2}
     assert got[5:] == [NoCapacity(PROVIDER, MODEL, None)] * 2
-    assert sorted(r.remaining for r in reservations if r.key == "a") == [0, 1, 2]
+    assert sorted(r.remaining or 0 for r in reservations if r.key == "a") == [0, 1, 2]
     snap = await usage(store, keys)
     assert (snap["a"].used, snap["a"].remaining, snap["a"].state) == (3, 0, KeyState.EXHAUSTED)
     assert snap["a"].reason == "limit"
@@ -408,6 +409,32 @@ async def test_sqlite_two_stores_on_one_file_stay_exact(tmp_path: Path) -> None:
         for s in stores:
             await s.aclose()
     assert sum(isinstance(o, Reservation) for o in outcomes) == 60
+
+
+async def test_memory_drops_days_before_yesterday() -> None:
+    store = MemoryStore()
+    keys = (key("a"),)
+    for day in ("20991228", "20991229", "20991230"):
+        await reserve(store, request(keys, day=day))
+    used = {day: (await usage(store, keys, day=day))["a"].used for day in ("20991228", "20991229")}
+    assert used == {"20991228": 0, "20991229": 1}
+
+
+async def test_redis_day_map_expires_a_day_after_the_reset(redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    admin = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        res = await reserve(store, request((key("a"),)))
+        day_map = f"{prefix}:{{{PROVIDER}}}:day:{DAY}"
+        assert await admin.exists(day_map) == 1
+        assert await admin.pexpiretime(day_map) == DAY_END + 86_400_000
+        await admin.persist(day_map)
+        await store.settle(res, Settlement(release=True), NOW)  # settle restores the expiry
+        assert await admin.pexpiretime(day_map) == DAY_END + 86_400_000
+    finally:
+        await admin.aclose()
+        await store.aclose()
 
 
 async def _eval_calls(admin: Redis) -> int:

@@ -108,8 +108,8 @@ def reserve_on(
     picked = select_key(views, req.strategy, cursor, req.now_ms)
     if picked.chosen is None:
         return NoCapacity(req.provider, req.model, picked.retry_at_ms), {}
-    index, view = picked.chosen, views[picked.chosen]
-    spec = req.keys[index]
+    index = picked.chosen
+    spec, view = req.keys[index], views[index]
     changed = {
         k.used_field(spec.name): str(view.used + 1),
         k.model_used_field(spec.name, req.model): str(view.model_used + 1),

@@ -32,7 +32,7 @@ T = TypeVar("T")
 @cache
 def _lua(name: str) -> str:
     """A script shipped as package data next to this module."""
-    return resources.files("router.quota").joinpath("lua", name).read_text(encoding="utf-8")
+    return (resources.files("router.quota") / "lua" / name).read_text(encoding="utf-8")
 
 
 def masked_url(url: str) -> str:
