@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from datetime import datetime
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from router.auth import presented_key
 from router.catalog import Catalog
 from router.config import Settings
 from router.errors import (
@@ -20,6 +22,7 @@ from router.errors import (
     NotFound,
     RouterError,
     StoreUnavailable,
+    Unauthorized,
 )
 from router.metrics import Metrics
 from router.pool import KeyPool
@@ -27,6 +30,7 @@ from router.proxy import Proxy
 from router.quota.days import utc_now
 from router.quota.factory import open_store
 from router.quota.store import QuotaStore, StoreError
+from router.quota_metrics import QuotaReporter
 from router.scheduler import watch_day_rollover
 from router.upstream import Upstreams
 
@@ -39,6 +43,7 @@ CATALOG = web.AppKey("catalog", Catalog)
 POOL = web.AppKey("pool", KeyPool)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
+REPORTER = web.AppKey("reporter", QuotaReporter)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,6 +71,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text format; quota gauges are read from the store first."""
+    token = request.app[SETTINGS].metrics.token
+    if token is not None:
+        presented = presented_key(request.headers) or ""
+        if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+            raise Unauthorized(
+                "The metrics endpoint needs its token.", code="invalid_metrics_token"
+            )
+    await request.app[REPORTER].refresh()
+    registry = request.app[METRICS].registry
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -113,13 +134,17 @@ def create_app(
         app[PROXY] = Proxy(
             settings, app[STORE], app[UPSTREAMS], app[POOL], app[CATALOG], app[METRICS], clock
         )
+        app[REPORTER] = QuotaReporter(
+            settings, app[STORE], app[POOL], app[METRICS], clock, known_models(app)
+        )
         yield
 
     async def background_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks = [
             asyncio.create_task(
                 watch_day_rollover(clock, settings.quota.tz, settings.quota.reset_time)
-            )
+            ),
+            asyncio.create_task(_every(settings.metrics.refresh_seconds, app[REPORTER].refresh)),
         ]
         if fetch_catalog:
             # One bounded first look, so unknown models are refused from the first request on.
@@ -144,11 +169,28 @@ def create_app(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_post("/v1/chat/completions", proxied("chat_completions"))
     app.router.add_post("/v1/embeddings", proxied("embeddings"))
     app.router.add_get("/v1/models", proxied("list_models"))
     _warn_if_open(settings)
     return app
+
+
+def known_models(app: web.Application) -> Callable[[], Container[str]]:
+    """Models that may be metric labels: listed by a provider or named by an alias route."""
+    routed = {route.model for alias in app[SETTINGS].models for route in alias.routes}
+
+    def known() -> Container[str]:
+        return app[CATALOG].known | routed
+
+    return known
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        await job()
+        await asyncio.sleep(seconds)
 
 
 def _warn_if_open(settings: Settings) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from router.config import ConfigError, Settings, load_settings
+from router.logs import configure_logging
 
 DEFAULT_CONFIG = "config/router.yaml"
 
@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A quota-aware OpenAI-compatible gateway for pooled ModelScope tokens.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default="auto",
+        help="auto: plain text in a terminal, JSON lines otherwise",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -47,11 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, json=_json_flag(args.log_format))
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "serve":
@@ -63,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_demo())
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _json_flag(log_format: str) -> bool | None:
+    return None if log_format == "auto" else log_format == "json"
 
 
 def _load(path: str) -> Settings | None:

@@ -161,6 +161,16 @@ class ClientConfig(_Model):
         return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
 
+class MetricsSettings(_Model):
+    token: SecretStr | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
+    refresh_seconds: float = Field(15, gt=0)  # how often quota gauges are read from the store
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+
 class RetrySettings(_Model):
     max_attempts: int = Field(4, ge=1, le=50)
     deadline_seconds: float = Field(300, gt=0)
@@ -180,6 +190,7 @@ class Settings(BaseSettings):
     models: list[ModelAlias] = Field(default_factory=list)
     clients: list[ClientConfig] = Field(default_factory=list)
     retry: RetrySettings = RetrySettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

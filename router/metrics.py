@@ -1,16 +1,36 @@
-"""Every metric, defined once; the registry is injected so each app (and test) has its own."""
+"""Every metric, defined once; the registry is injected so each app (and test) has its own.
+
+Names are an interface: ``dashboards/*.json`` and ``deploy/prometheus/rules.yml`` use them,
+and a test holds the three together. Labels carry key *names*, never secrets.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+OVERHEAD_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._traffic(registry)
+        self._quota(registry)
+
+    def _traffic(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "router_requests",
             "Requests answered, by client, model (alias or upstream id), provider and status.",
@@ -29,6 +49,12 @@ class Metrics:
             "Time to the upstream's first byte.",
             ["provider", "key"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "router_overhead_seconds",
+            "Time spent in the gateway itself: the request's time less upstream and client waits.",
+            buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
         self.failovers = Counter(
@@ -56,5 +82,66 @@ class Metrics:
             "router_stream_aborts",
             "Streams that ended early: side=client (went away) or upstream (broke).",
             ["side"],
+            registry=registry,
+        )
+
+    def _quota(self, registry: CollectorRegistry) -> None:
+        # Read from the shared store: every replica reports the same values (aggregate with max).
+        key_labels = ["provider", "key"]
+        model_labels = ["provider", "key", "model"]
+        self.quota_used = Gauge(
+            "router_quota_used", "Calls counted today per key.", key_labels, registry=registry
+        )
+        self.quota_limit = Gauge(
+            "router_quota_limit", "Daily limit per key.", key_labels, registry=registry
+        )
+        self.quota_remaining = Gauge(
+            "router_quota_remaining", "Calls left today per key.", key_labels, registry=registry
+        )
+        self.model_quota_used = Gauge(
+            "router_model_quota_used",
+            "Calls counted today per key and model.",
+            model_labels,
+            registry=registry,
+        )
+        self.model_quota_limit = Gauge(
+            "router_model_quota_limit",
+            "Daily limit per key and model.",
+            model_labels,
+            registry=registry,
+        )
+        self.model_quota_remaining = Gauge(
+            "router_model_quota_remaining",
+            "Calls left today per key and model.",
+            model_labels,
+            registry=registry,
+        )
+        self.key_state = Gauge(
+            "router_key_state",
+            "1 for the key's current state (available, exhausted, cooling, disabled), else 0.",
+            ["provider", "key", "state"],
+            registry=registry,
+        )
+        self.key_cooldown_until = Gauge(
+            "router_key_cooldown_until_timestamp_seconds",
+            "When the key's cooldown ends (Unix time); 0 when it is not cooling.",
+            key_labels,
+            registry=registry,
+        )
+        self.reset_timestamp = Gauge(
+            "router_quota_reset_timestamp_seconds",
+            "The next quota reset (Unix time).",
+            registry=registry,
+        )
+        self.exhaustion_forecast = Gauge(
+            "router_quota_exhaustion_forecast_seconds",
+            "At the pace of the last hour, seconds until the provider's pool is spent "
+            "(+Inf when not before the reset).",
+            ["provider"],
+            registry=registry,
+        )
+        self.store_up = Gauge(
+            "router_store_up",
+            "1 when the quota store answered the last check, else 0.",
             registry=registry,
         )

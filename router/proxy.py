@@ -52,11 +52,28 @@ from router.routing import Route, RouteTable, known_routes
 from router.upstream import TransportError, UpstreamReply, Upstreams
 
 log = logging.getLogger("router.proxy")
+access_log = logging.getLogger("router.access")
 
 CHAT = "chat/completions"
 EMBEDDINGS = "embeddings"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _DONE = b"[DONE]"
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one request did and where its time went: for the access log and the metrics."""
+
+    request_id: str
+    started: float
+    client: str = "unknown"
+    model: str = "none"  # a bounded label: alias, listed model, or "other"
+    provider: str = "none"
+    key: str = "none"
+    status: int = 500
+    attempts: int = 0
+    upstream_s: float = 0.0  # waiting on upstreams
+    client_s: float = 0.0  # waiting on the client to take a stream
 
 
 @dataclass(slots=True)
@@ -68,8 +85,11 @@ class Call:
     stream: bool
     payload: dict[str, Any]
     raw: bytes
-    client: str
-    request_id: str
+    trace: Trace
+
+    @property
+    def request_id(self) -> str:
+        return self.trace.request_id
 
     def body_for(self, route: Route) -> bytes:
         """The client's body, unchanged but for ``model``."""
@@ -78,7 +98,7 @@ class Call:
         return orjson.dumps({**self.payload, "model": route.model})
 
 
-def parse_call(raw: bytes, endpoint: str, client: str, request_id: str) -> Call:
+def parse_call(raw: bytes, endpoint: str, trace: Trace) -> Call:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -99,7 +119,7 @@ def parse_call(raw: bytes, endpoint: str, client: str, request_id: str) -> Call:
         if not isinstance(payload.get("input"), str | list):
             raise BadRequest("'input' is required: a string or an array.", param="input")
         stream = False
-    return Call(endpoint, model, stream, payload, raw, client, request_id)
+    return Call(endpoint, model, stream, payload, raw, trace)
 
 
 def request_id_of(request: web.Request) -> str:
@@ -183,26 +203,53 @@ class Proxy:
         )
 
     async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
-        request_id = request_id_of(request)
-        started = time.monotonic()
-        client, model, provider, status = "unknown", "none", "none", 500
+        trace = Trace(request_id_of(request), time.monotonic())
         self.metrics.inflight.inc()
         try:
-            client = self.auth.authenticate(request.headers)
-            call = parse_call(await self._read_body(request), endpoint, client, request_id)
-            model = self._model_label(call.model)
+            trace.client = self.auth.authenticate(request.headers)
+            call = parse_call(await self._read_body(request), endpoint, trace)
+            trace.model = self._model_label(call.model)
             response = await self._forward(request, call)
-            provider = response.headers.get("x-router-provider", "none")
-            status = response.status
+            trace.status = response.status
             return response
         except RouterError as exc:
-            status = exc.status
-            exc.headers["x-request-id"] = request_id
+            trace.status = exc.status
+            exc.headers["x-request-id"] = trace.request_id
             raise
         finally:
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(client, model, provider, str(status)).inc()
-            self.metrics.request_duration.labels(provider).observe(time.monotonic() - started)
+            self._record(trace)
+
+    def _record(self, trace: Trace) -> None:
+        total = time.monotonic() - trace.started
+        overhead = max(0.0, total - trace.upstream_s - trace.client_s)
+        m = self.metrics
+        m.requests.labels(trace.client, trace.model, trace.provider, str(trace.status)).inc()
+        m.request_duration.labels(trace.provider).observe(total)
+        m.overhead.observe(overhead)
+        access_log.info(
+            "%s %s %s -> %s/%s attempts=%d upstream=%.1fms total=%.1fms",
+            trace.status,
+            trace.client,
+            trace.model,
+            trace.provider,
+            trace.key,
+            trace.attempts,
+            trace.upstream_s * 1000,
+            total * 1000,
+            extra={
+                "request_id": trace.request_id,
+                "client": trace.client,
+                "model": trace.model,
+                "provider": trace.provider,
+                "key": trace.key,
+                "status": trace.status,
+                "attempts": trace.attempts,
+                "upstream_ms": round(trace.upstream_s * 1000, 2),
+                "overhead_ms": round(overhead * 1000, 3),
+                "total_ms": round(total * 1000, 2),
+            },
+        )
 
     async def _read_body(self, request: web.Request) -> bytes:
         # aiohttp raises its own HTTPRequestEntityTooLarge past client_max_size; left to the app
@@ -307,6 +354,7 @@ class Proxy:
     ) -> tuple[Verdict, UpstreamReply | None]:
         secret = self.pool.secret(route.provider.name, res.key)
         started = time.monotonic()
+        call.trace.attempts += 1
         try:
             async with asyncio.timeout(max(progress.remaining(), 0.001)):
                 reply = await self.upstreams.send(
@@ -318,9 +366,10 @@ class Proxy:
             return classify_transport(
                 TransportFailure.READ_TIMEOUT, "request deadline reached"
             ), None
-        self.metrics.upstream_duration.labels(route.provider.name, res.key).observe(
-            time.monotonic() - started
-        )
+        finally:
+            waited = time.monotonic() - started
+            call.trace.upstream_s += waited
+        self.metrics.upstream_duration.labels(route.provider.name, res.key).observe(waited)
         verdict = classify(
             route.provider.type,
             reply.status,
@@ -372,15 +421,16 @@ class Proxy:
         self, request: web.Request, call: Call, res: Reservation, reply: UpstreamReply
     ) -> web.StreamResponse:
         headers = self._router_headers(call, res)
+        call.trace.provider, call.trace.key = res.provider, res.key
         if reply.first_chunk is None:
             reply.close()
             content_type = reply.response.headers.get("Content-Type", "application/json")
             headers["Content-Type"] = content_type
             return web.Response(status=reply.status, body=reply.body or b"", headers=headers)
-        return await self._relay_stream(request, reply, headers)
+        return await self._relay_stream(request, reply, headers, call.trace)
 
     async def _relay_stream(
-        self, request: web.Request, reply: UpstreamReply, headers: dict[str, str]
+        self, request: web.Request, reply: UpstreamReply, headers: dict[str, str], trace: Trace
     ) -> web.StreamResponse:
         """Pass chunks on as they arrive; a stream that breaks ends with an error event."""
         response = web.StreamResponse(status=200, headers=headers)
@@ -393,12 +443,16 @@ class Proxy:
         try:
             await response.prepare(request)
             while True:
+                waiting = time.monotonic()
                 try:
                     await response.write(chunk)
                 except (ConnectionError, RuntimeError):
                     self.metrics.stream_aborts.labels("client").inc()
                     return response
+                finally:
+                    trace.client_s += time.monotonic() - waiting
                 tail = (tail + chunk)[-64:]
+                waiting = time.monotonic()
                 try:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
@@ -408,6 +462,8 @@ class Proxy:
                         response, f"the upstream stream broke: {type(exc).__name__}"
                     )
                     return response
+                finally:
+                    trace.upstream_s += time.monotonic() - waiting
             if _DONE not in tail:
                 await self._end_broken_stream(response, "the upstream stream ended without [DONE]")
                 return response
