@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Container
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router.auth import presented_key
-from router.catalog import Catalog
-from router.config import Settings
+from router.config import ConfigError, Settings, load_settings
 from router.errors import (
     BodyTooLarge,
     MethodNotAllowed,
@@ -25,27 +25,20 @@ from router.errors import (
     Unauthorized,
 )
 from router.metrics import Metrics
-from router.pool import KeyPool
-from router.proxy import Proxy
 from router.quota.days import utc_now
 from router.quota.factory import open_store
 from router.quota.store import QuotaStore, StoreError
-from router.quota_metrics import QuotaReporter
-from router.scheduler import watch_day_rollover
-from router.upstream import Upstreams
+from router.runtime import Runtime
 
 log = logging.getLogger("router.app")
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", Settings)  # as started: server and store settings
 STORE = web.AppKey("store", QuotaStore)
-UPSTREAMS = web.AppKey("upstreams", Upstreams)
-CATALOG = web.AppKey("catalog", Catalog)
-POOL = web.AppKey("pool", KeyPool)
 METRICS = web.AppKey("metrics", Metrics)
-PROXY = web.AppKey("proxy", Proxy)
-REPORTER = web.AppKey("reporter", QuotaReporter)
+CONFIG_PATH = web.AppKey("config_path", Path)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RELOAD_GRACE_SECONDS = 600.0
 
 
 @web.middleware
@@ -73,28 +66,98 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text format; quota gauges are read from the store first."""
-    token = request.app[SETTINGS].metrics.token
-    if token is not None:
-        presented = presented_key(request.headers) or ""
-        if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
-            raise Unauthorized(
-                "The metrics endpoint needs its token.", code="invalid_metrics_token"
-            )
-    await request.app[REPORTER].refresh()
-    registry = request.app[METRICS].registry
-    response = web.Response(body=generate_latest(registry))
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return response
-
-
 async def readyz(request: web.Request) -> web.Response:
     try:
         await request.app[STORE].ping()
     except StoreError:
         return StoreUnavailable("The quota store is unreachable.").to_response()
     return web.json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text format; quota gauges are read from the store first."""
+    runtime = request.app[LIVE].runtime
+    token = runtime.settings.metrics.token
+    if token is not None:
+        presented = presented_key(request.headers) or ""
+        if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+            raise Unauthorized(
+                "The metrics endpoint needs its token.", code="invalid_metrics_token"
+            )
+    await runtime.reporter.refresh()
+    response = web.Response(body=generate_latest(request.app[METRICS].registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def proxied(name: str) -> Handler:
+    """A handler of the current runtime's Proxy; the request keeps that runtime to its end."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        runtime = request.app[LIVE].runtime
+        runtime.enter()
+        try:
+            method: Handler = getattr(runtime.proxy, name)
+            return await method(request)
+        finally:
+            runtime.leave()
+
+    return handler
+
+
+class Live:
+    """The current Runtime, and the reload that swaps it without dropping requests or counts."""
+
+    def __init__(self, app: web.Application, runtime: Runtime, *, fetch_catalog: bool) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.fetch_catalog = fetch_catalog
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def reload(self, settings: Settings | None = None) -> Settings:
+        """Load the config file again (or use ``settings``); raise ConfigError and keep the old."""
+        async with self._lock:
+            if settings is None:
+                path = self.app.get(CONFIG_PATH)
+                if path is None:
+                    raise ConfigError("this gateway was not started from a config file")
+                settings = load_settings(path)
+            _warn_about_restart_only_changes(self.app[SETTINGS], settings)
+            old = self.runtime
+            new = Runtime(settings, self.app[STORE], self.app[METRICS], old.clock, previous=old)
+            await new.start(fetch_catalog=self.fetch_catalog)
+            self.runtime = new
+            task = asyncio.create_task(old.stop(RELOAD_GRACE_SECONDS))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            log.info(
+                "configuration reloaded: %d providers, %d keys, %d clients",
+                len(settings.providers),
+                sum(len(p.keys) for p in settings.providers),
+                len(settings.clients),
+            )
+            return settings
+
+    async def on_sighup(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the old configuration stays: %s", exc)
+
+    async def aclose(self) -> None:
+        for task in list(self._retiring):
+            await task
+        await self.runtime.stop(0)
+
+
+LIVE = web.AppKey("live", Live)
+
+
+def _warn_about_restart_only_changes(running: Settings, new: Settings) -> None:
+    for section in ("server", "store"):
+        if getattr(running, section) != getattr(new, section):
+            log.warning("'%s' changed: it takes effect at the next restart", section)
 
 
 def create_app(
@@ -104,6 +167,7 @@ def create_app(
     store: QuotaStore | None = None,
     registry: CollectorRegistry | None = None,
     fetch_catalog: bool = True,
+    config_path: Path | None = None,
 ) -> web.Application:
     """Build the gateway. ``store`` and ``clock`` are injectable for tests."""
     app = web.Application(
@@ -111,9 +175,8 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry or CollectorRegistry())
-    app[POOL] = KeyPool(settings)
-    app[CATALOG] = Catalog(settings)
-    app[UPSTREAMS] = Upstreams(settings.providers)
+    if config_path is not None:
+        app[CONFIG_PATH] = config_path
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = (
@@ -125,47 +188,32 @@ def create_app(
         if store is None:
             await app[STORE].aclose()
 
-    async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
-        await app[UPSTREAMS].open()
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        runtime = Runtime(settings, app[STORE], app[METRICS], clock)
+        await runtime.start(fetch_catalog=fetch_catalog)
+        app[LIVE] = Live(app, runtime, fetch_catalog=fetch_catalog)
         yield
-        await app[UPSTREAMS].aclose()
+        await app[LIVE].aclose()
 
-    async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[PROXY] = Proxy(
-            settings, app[STORE], app[UPSTREAMS], app[POOL], app[CATALOG], app[METRICS], clock
-        )
-        app[REPORTER] = QuotaReporter(
-            settings, app[STORE], app[POOL], app[METRICS], clock, known_models(app)
-        )
+    async def sighup_ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        live = app[LIVE]
+        pending: set[asyncio.Task[None]] = set()
+
+        def on_signal() -> None:
+            task = loop.create_task(live.on_sighup())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        try:
+            loop.add_signal_handler(signal.SIGHUP, on_signal)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / Windows
+            yield
+            return
         yield
+        loop.remove_signal_handler(signal.SIGHUP)
 
-    async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-        tasks = [
-            asyncio.create_task(
-                watch_day_rollover(clock, settings.quota.tz, settings.quota.reset_time)
-            ),
-            asyncio.create_task(_every(settings.metrics.refresh_seconds, app[REPORTER].refresh)),
-        ]
-        if fetch_catalog:
-            # One bounded first look, so unknown models are refused from the first request on.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(app[CATALOG].refresh(app[UPSTREAMS], app[POOL]), 5)
-            tasks.append(asyncio.create_task(app[CATALOG].run(app[UPSTREAMS], app[POOL])))
-        yield
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    app.cleanup_ctx.extend([store_ctx, upstreams_ctx, proxy_ctx, background_ctx])
-
-    def proxied(name: str) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            method: Handler = getattr(request.app[PROXY], name)
-            return await method(request)
-
-        return handler
+    app.cleanup_ctx.extend([store_ctx, runtime_ctx, sighup_ctx])
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -175,22 +223,6 @@ def create_app(
     app.router.add_get("/v1/models", proxied("list_models"))
     _warn_if_open(settings)
     return app
-
-
-def known_models(app: web.Application) -> Callable[[], Container[str]]:
-    """Models that may be metric labels: listed by a provider or named by an alias route."""
-    routed = {route.model for alias in app[SETTINGS].models for route in alias.routes}
-
-    def known() -> Container[str]:
-        return app[CATALOG].known | routed
-
-    return known
-
-
-async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
-    while True:
-        await job()
-        await asyncio.sleep(seconds)
 
 
 def _warn_if_open(settings: Settings) -> None:

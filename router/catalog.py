@@ -26,6 +26,14 @@ class Catalog:
 
         self._recount()
 
+    def inherit(self, previous: Catalog) -> None:
+        """Keep the lists of providers that a reload left at the same address."""
+        before = {p.name: p.base_url for p in previous._providers}
+        for provider in self._providers:
+            if provider.models is None and before.get(provider.name) == provider.base_url:
+                self.models[provider.name] = previous.models.get(provider.name)
+        self._recount()
+
     def _recount(self) -> None:
         seen: dict[str, None] = {}
         for served in self.models.values():

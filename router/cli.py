@@ -95,7 +95,7 @@ def _serve(path: str) -> int:
         return 1
     from router.serve import serve
 
-    serve(settings)
+    serve(settings, Path(path))
     return 0
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -116,12 +116,28 @@ class ProviderConfig(_Model):
     timeout_seconds: float = Field(120, gt=0)
     connect_timeout_seconds: float = Field(5, gt=0)
     models: list[str] | None = None  # a fixed list instead of asking the upstream's /models
+    paid: bool | None = None  # default: Bailian and generic OpenAI-compatible are paid
+    passthrough: list[str] = Field(default_factory=list)  # other /v1 paths it serves
     keys: list[KeyConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_keys(self) -> Self:
         _require_unique([k.name for k in self.keys], "key name")
         return self
+
+    @field_validator("passthrough")
+    @classmethod
+    def _safe_paths(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not re.fullmatch(r"[a-z0-9_-]+(/[a-z0-9_-]+)*", path):
+                raise ValueError(f"{path!r}: a path below /v1 such as 'audio/speech'")
+        return paths
+
+    @property
+    def is_paid(self) -> bool:
+        if self.paid is not None:
+            return self.paid
+        return self.type is not ProviderType.MODELSCOPE
 
     def key_daily_limit(self, key: KeyConfig) -> int | None:
         if key.daily_limit is not None:
@@ -153,12 +169,58 @@ class ModelAlias(_Model):
     routes: list[RouteConfig] = Field(min_length=1)
 
 
-class ClientConfig(_Model):
-    name: str = Field(pattern=NAME_PATTERN)
-    key: SecretStr
+def _digest_of(key: SecretStr | None, key_sha256: str | None) -> bytes:
+    if key_sha256 is not None:
+        return bytes.fromhex(key_sha256)
+    assert key is not None
+    return hashlib.sha256(key.get_secret_value().encode()).digest()
+
+
+class _KeyHolder(_Model):
+    """Something that authenticates with a key, given plainly or as its SHA-256 (hex)."""
+
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of 'key' or 'key_sha256'")
+        if self.key is not None and not self.key.get_secret_value().strip():
+            raise ValueError("'key' is empty")
+        return self
 
     def key_digest(self) -> bytes:
-        return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+        return _digest_of(self.key, self.key_sha256)
+
+
+class ClientConfig(_KeyHolder):
+    name: str = Field(pattern=NAME_PATTERN)
+    daily_limit: int | None = Field(None, ge=0)  # calls per quota day, every provider together
+    share: float = Field(1.0, gt=0)  # weight in the fair share of the free pool
+    models: list[str] | None = None  # allowed model ids or aliases (glob patterns); None = all
+    fallback: bool = True  # may spill to paid providers
+
+
+class FairShareSettings(_Model):
+    below: float = Field(0.3, ge=0, le=1)  # share out once less than this of a free pool remains
+    count: Literal["configured", "active"] = "configured"  # which clients get a part
+    active_window_seconds: float = Field(3600, gt=0)  # "active": seen this recently
+
+
+class AdminSettings(_Model):
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    def key_digest(self) -> bytes | None:
+        if self.key is None and self.key_sha256 is None:
+            return None
+        return _digest_of(self.key, self.key_sha256)
 
 
 class MetricsSettings(_Model):
@@ -191,6 +253,8 @@ class Settings(BaseSettings):
     clients: list[ClientConfig] = Field(default_factory=list)
     retry: RetrySettings = RetrySettings()
     metrics: MetricsSettings = MetricsSettings()
+    fair_share: FairShareSettings = FairShareSettings()
+    admin: AdminSettings = AdminSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -209,7 +273,10 @@ class Settings(BaseSettings):
         _require_unique([p.name for p in self.providers], "provider name")
         _require_unique([m.id for m in self.models], "model id")
         _require_unique([c.name for c in self.clients], "client name")
-        _require_unique([c.key.get_secret_value() for c in self.clients], "client key", show=False)
+        _require_unique([c.key_digest().hex() for c in self.clients], "client key", show=False)
+        admin = self.admin.key_digest()
+        if admin is not None and admin in {c.key_digest() for c in self.clients}:
+            raise ValueError("admin.key: the admin key must differ from every client key")
         declared = {p.name for p in self.providers}
         for i, alias in enumerate(self.models):
             for j, route in enumerate(alias.routes):

@@ -31,10 +31,12 @@ from router.classify import (
     classify_transport,
     settlement_for,
 )
+from router.clients import ClientPolicy
 from router.config import Settings
 from router.errors import (
     BadRequest,
     BodyTooLarge,
+    Forbidden,
     NotFound,
     PoolExhausted,
     RouterError,
@@ -47,7 +49,14 @@ from router.metrics import Metrics
 from router.pool import KeyPool
 from router.quota.days import next_reset, quota_day, to_ms
 from router.quota.store import QuotaStore, StoreError
-from router.quota.types import KeySpec, NoCapacity, Reservation, ReserveRequest, Settlement
+from router.quota.types import (
+    KeySpec,
+    NoCapacity,
+    Refusal,
+    Reservation,
+    ReserveRequest,
+    Settlement,
+)
 from router.routing import Route, RouteTable, known_routes
 from router.upstream import TransportError, UpstreamReply, Upstreams
 
@@ -178,6 +187,7 @@ class Proxy:
         self.metrics = metrics
         self.clock = clock
         self.auth = ClientAuth(settings.clients)
+        self.policy = ClientPolicy(settings)
         self.routes = RouteTable(settings)
         self._tz = settings.quota.tz
         self._reset = settings.quota.reset_time
@@ -269,11 +279,26 @@ class Proxy:
     # -- the failover loop ------------------------------------------------------------------
 
     async def _forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+        client = call.trace.client
+        if not self.policy.allows_model(client, call.model):
+            raise Forbidden(
+                f"The client '{client}' may not use the model '{call.model}'.",
+                code="model_not_allowed",
+                param="model",
+            )
         routes = known_routes(self.routes.resolve(call.model), self.catalog.models)
         if not routes:
             raise NotFound(
                 f"The model '{call.model}' does not exist or no configured provider serves it.",
                 code="model_not_found",
+                param="model",
+            )
+        routes = self.policy.routes_for(client, routes)
+        if not routes:
+            raise Forbidden(
+                f"The client '{client}' may not use paid providers, the only ones serving "
+                f"'{call.model}'.",
+                code="paid_provider_not_allowed",
                 param="model",
             )
         progress = _Progress(deadline=time.monotonic() + self.settings.retry.deadline_seconds)
@@ -296,8 +321,10 @@ class Proxy:
         for _ in range(len(specs) + self.settings.retry.max_attempts + 1):
             if self._out_of_attempts(progress):
                 return None
-            reservation = await self._reserve(route, specs)
+            reservation = await self._reserve(route, specs, call.trace.client)
             if isinstance(reservation, NoCapacity):
+                if reservation.reason is Refusal.CLIENT_LIMIT:
+                    raise self._client_limit(call, reservation)
                 progress.blocked.append(reservation)
                 return None
             self._count_failover(progress, route)
@@ -329,7 +356,9 @@ class Proxy:
             self.metrics.failovers.labels(source, route.provider.name, reason).inc()
             progress.moving_from = None
 
-    async def _reserve(self, route: Route, specs: tuple[KeySpec, ...]) -> Reservation | NoCapacity:
+    async def _reserve(
+        self, route: Route, specs: tuple[KeySpec, ...], client: str
+    ) -> Reservation | NoCapacity:
         now = self.clock()
         req = ReserveRequest(
             provider=route.provider.name,
@@ -339,6 +368,7 @@ class Proxy:
             day=quota_day(now, self._tz, self._reset),
             now_ms=to_ms(now),
             day_end_ms=to_ms(next_reset(now, self._tz, self._reset)),
+            client=self.policy.quota_for(client, route.provider),
         )
         try:
             return await self.store.reserve(req)
@@ -482,6 +512,9 @@ class Proxy:
             pass
 
     def _no_route_error(self, call: Call, routes: int, progress: _Progress) -> RouterError:
+        shares = [b for b in progress.blocked if b.reason is Refusal.CLIENT_SHARE]
+        if shares:
+            return self._client_share(call, shares[0])
         if progress.blocked:
             return self._pool_exhausted(call, progress.blocked)
         if progress.unavailable >= routes:
@@ -496,13 +529,37 @@ class Proxy:
             return UpstreamTimeout(f"The upstream did not answer in time{detail}.")
         return UpstreamError(f"Every upstream attempt failed{detail}; try again shortly.")
 
-    def _pool_exhausted(self, call: Call, blocked: list[NoCapacity]) -> PoolExhausted:
+    def _reset_text(self) -> tuple[str, float]:
         now = self.clock()
         reset = next_reset(now, self._tz, self._reset)
+        text = reset.strftime("%Y-%m-%d %H:%M") + f" {self.settings.quota.timezone}"
+        return text, (reset - now).total_seconds()
+
+    def _client_limit(self, call: Call, refusal: NoCapacity) -> PoolExhausted:
+        reset_text, wait = self._reset_text()
+        return PoolExhausted(
+            f"The client '{call.trace.client}' has used its daily limit of "
+            f"{refusal.client_limit} calls; it resets at {reset_text}.",
+            retry_after_s=wait,
+            code="client_daily_limit",
+        )
+
+    def _client_share(self, call: Call, refusal: NoCapacity) -> PoolExhausted:
+        reset_text, wait = self._reset_text()
+        return PoolExhausted(
+            f"The free pool is running low and is shared out: the client '{call.trace.client}' "
+            f"has used its share of {refusal.client_limit} calls on {refusal.provider} today"
+            " and may not use a paid fallback. It resets at "
+            f"{reset_text}.",
+            retry_after_s=wait,
+            code="client_fair_share",
+        )
+
+    def _pool_exhausted(self, call: Call, blocked: list[NoCapacity]) -> PoolExhausted:
+        reset_text, to_reset = self._reset_text()
         cooling = [b.retry_at_ms for b in blocked if b.retry_at_ms is not None]
-        reset_text = reset.strftime("%Y-%m-%d %H:%M") + f" {self.settings.quota.timezone}"
         if cooling:
-            wait = (min(cooling) - to_ms(now)) / 1000
+            wait = (min(cooling) - to_ms(self.clock())) / 1000
             return PoolExhausted(
                 f"Every key that serves '{call.model}' is spent or cooling down after upstream "
                 f"throttling; retry in {max(1, round(wait))} s. "
@@ -510,11 +567,10 @@ class Proxy:
                 retry_after_s=wait,
                 code="rate_limited",
             )
-        wait = (reset - now).total_seconds()
         return PoolExhausted(
             f"The daily quota pool for '{call.model}' is spent on every route; "
-            f"it resets at {reset_text} (in {_duration(wait)}).",
-            retry_after_s=wait,
+            f"it resets at {reset_text} (in {_duration(to_reset)}).",
+            retry_after_s=to_reset,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,8 +24,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def serve(settings: Settings) -> None:
-    app = create_app(settings)
+def serve(settings: Settings, config_path: Path | None = None) -> None:
+    app = create_app(settings, config_path=config_path)
     loop = new_event_loop()
     log.info(
         "modelscope-router on http://%s:%d (store %s, %d providers)",

@@ -1,0 +1,97 @@
+"""Team features on the request path: client keys, allowed models, paid fallback, daily limits."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.simulator import Simulator
+from tests.support import FakeClock, gateway
+from tests.test_gateway import MODEL, config_for, sim_config
+
+ALICE_KEY = "sk-team-alice-canary"
+BOB_KEY = "sk-team-bob-canary"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
+    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
+        yield simulator
+
+
+def team_config(sim: Simulator, **alice: Any) -> dict[str, Any]:
+    config = config_for(sim)
+    config["clients"] = [
+        {"name": "alice", "key_sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest(), **alice},
+        {"name": "bob", "key": BOB_KEY},
+    ]
+    return config
+
+
+async def chat(url: str, key: str, model: str = MODEL) -> tuple[int, dict[str, Any], str | None]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r,
+    ):
+        return r.status, await r.json(), r.headers.get("x-router-provider")
+
+
+async def test_hashed_client_key_authenticates(sim: Simulator, clock: FakeClock) -> None:
+    async with gateway(team_config(sim), clock) as url:
+        status, _, provider = await chat(url, ALICE_KEY)
+        assert (status, provider) == (200, "modelscope")
+        status, body, _ = await chat(url, hashlib.sha256(ALICE_KEY.encode()).hexdigest())
+        assert status == 401  # the digest itself is not a key
+        assert body["error"]["type"] == "authentication_error"
+
+
+async def test_model_allow_list(sim: Simulator, clock: FakeClock) -> None:
+    async with gateway(
+        team_config(sim, models=["Qwen/*", "deepseek-ai/DeepSeek-V3.?"]), clock
+    ) as url:
+        assert (await chat(url, ALICE_KEY, MODEL))[0] == 200
+        assert (await chat(url, ALICE_KEY, "deepseek-ai/DeepSeek-V3.1"))[0] == 200
+        status, body, _ = await chat(url, ALICE_KEY, "moonshotai/Kimi-K2-Instruct")
+        assert status == 403
+        assert body["error"]["code"] == "model_not_allowed"
+        assert (await chat(url, BOB_KEY, "moonshotai/Kimi-K2-Instruct"))[0] == 200
+    assert sim.state.stats()["calls"] == 3
+
+
+async def test_client_without_fallback_never_reaches_the_paid_provider(
+    sim: Simulator, clock: FakeClock
+) -> None:
+    async with gateway(team_config(sim, fallback=False), clock) as url:
+        for _ in range(6):  # the free pool: 3 keys x 2
+            assert (await chat(url, ALICE_KEY))[2] == "modelscope"
+        status, body, _ = await chat(url, ALICE_KEY)
+        assert status == 429
+        assert body["error"]["code"] == "pool_exhausted"
+        assert (await chat(url, BOB_KEY))[2] == "bailian"  # bob may spill over
+    assert sim.state.stats("bailian")["calls"] == 1
+
+
+async def test_client_daily_limit_names_its_own_limit(sim: Simulator, clock: FakeClock) -> None:
+    async with gateway(team_config(sim, daily_limit=2), clock) as url:
+        assert (await chat(url, ALICE_KEY))[0] == 200
+        assert (await chat(url, ALICE_KEY))[0] == 200
+        status, body, _ = await chat(url, ALICE_KEY)
+        assert status == 429
+        assert body["error"]["code"] == "client_daily_limit"
+        assert "alice" in body["error"]["message"]
+        assert "daily limit of 2 calls" in body["error"]["message"]
+        assert (await chat(url, BOB_KEY))[0] == 200  # the pool itself is not spent
+        clock.now = clock.now.replace(hour=16, minute=0)  # 00:00 in Shanghai: a new day
+        assert (await chat(url, ALICE_KEY))[0] == 200
+    assert sim.state.stats()["calls"] == 4
