@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from router.admin import add_admin_routes
 from router.auth import presented_key
 from router.config import ConfigError, Settings, load_settings
 from router.errors import (
@@ -221,6 +222,11 @@ def create_app(
     app.router.add_post("/v1/chat/completions", proxied("chat_completions"))
     app.router.add_post("/v1/embeddings", proxied("embeddings"))
     app.router.add_get("/v1/models", proxied("list_models"))
+    app.router.add_post("/v1/images/generations", proxied("images"))
+    app.router.add_get("/v1/tasks/{task_id}", proxied("task"))
+    app.router.add_post("/v1/messages", proxied("messages"))
+    app.router.add_route("*", "/v1/{path:.+}", proxied("passthrough"))  # allow-listed only
+    add_admin_routes(app)
     _warn_if_open(settings)
     return app
 

@@ -433,7 +433,7 @@ def parse_error_body(body: bytes) -> tuple[str, frozenset[str]]:
 # --------------------------------------------------------------------------------------------
 
 _REDACT_SCAN_CHARS: Final = 4 * MESSAGE_MAX_CHARS
-_BEARER_RE: Final = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+")
+_BEARER_RE: Final = re.compile(r"(?i)\bbearer(?:\s+bearer\b)*\s+[^\s\"',;]+")
 _TOKEN_RE: Final = re.compile(r"\b(ms|sk)-[A-Za-z0-9][A-Za-z0-9_\-]{7,}")
 _SPACE_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]+")
 

@@ -21,7 +21,7 @@ class ClientPolicy:
                     int(fair.active_window_seconds * 1000) if fair.count == "active" else None
                 ),
             )
-            if settings.clients
+            if len(settings.clients) > 1  # one client has nobody to share with
             else None
         )
         self._quotas: dict[tuple[str, bool], ClientQuota] = {}

@@ -117,6 +117,7 @@ class ProviderConfig(_Model):
     connect_timeout_seconds: float = Field(5, gt=0)
     models: list[str] | None = None  # a fixed list instead of asking the upstream's /models
     paid: bool | None = None  # default: Bailian and generic OpenAI-compatible are paid
+    anthropic_base_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     passthrough: list[str] = Field(default_factory=list)  # other /v1 paths it serves
     keys: list[KeyConfig] = Field(min_length=1)
 
@@ -132,6 +133,15 @@ class ProviderConfig(_Model):
             if not re.fullmatch(r"[a-z0-9_-]+(/[a-z0-9_-]+)*", path):
                 raise ValueError(f"{path!r}: a path below /v1 such as 'audio/speech'")
         return paths
+
+    @property
+    def anthropic_base(self) -> str | None:
+        """Where ``/v1/messages`` lives: given, or ModelScope's base without ``/v1``."""
+        if self.anthropic_base_url is not None:
+            return self.anthropic_base_url.rstrip("/")
+        if self.type is ProviderType.MODELSCOPE:
+            return self.base_url.rstrip("/").removesuffix("/v1")
+        return None
 
     @property
     def is_paid(self) -> bool:

@@ -42,8 +42,11 @@ class RouterError(Exception):
         self.code = code or self.default_code
         self.param = param
         self.headers = headers or {}
+        self.anthropic = False  # answer in Anthropic's error shape (for /v1/messages)
 
     def body(self) -> dict[str, object]:
+        if self.anthropic:
+            return {"type": "error", "error": {"type": self.type, "message": self.message}}
         return {
             "error": {
                 "message": self.message,

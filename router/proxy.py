@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -33,10 +33,20 @@ from router.classify import (
 )
 from router.clients import ClientPolicy
 from router.config import Settings
+from router.endpoints import (
+    CHAT,
+    EMBEDDINGS,
+    FIXED_PATHS,
+    IMAGES,
+    MESSAGES,
+    Endpoint,
+    passthrough,
+)
 from router.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
     PoolExhausted,
     RouterError,
@@ -63,10 +73,9 @@ from router.upstream import TransportError, UpstreamReply, Upstreams
 log = logging.getLogger("router.proxy")
 access_log = logging.getLogger("router.access")
 
-CHAT = "chat/completions"
-EMBEDDINGS = "embeddings"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_DONE = b"[DONE]"
+_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+TASK_TTL_MS = 24 * 3600 * 1000
 
 
 @dataclass(slots=True)
@@ -89,12 +98,13 @@ class Trace:
 class Call:
     """One client request, parsed only as deep as routing needs."""
 
-    endpoint: str
-    model: str
+    endpoint: Endpoint
+    model: str  # "" for a passthrough body without one
     stream: bool
     payload: dict[str, Any]
     raw: bytes
     trace: Trace
+    headers: Mapping[str, str]  # the client's, read only for an endpoint's forward_headers
 
     @property
     def request_id(self) -> str:
@@ -102,33 +112,34 @@ class Call:
 
     def body_for(self, route: Route) -> bytes:
         """The client's body, unchanged but for ``model``."""
-        if route.model == self.model:
+        if route.model == self.model or not self.model:
             return self.raw
         return orjson.dumps({**self.payload, "model": route.model})
 
 
-def parse_call(raw: bytes, endpoint: str, trace: Trace) -> Call:
+def parse_call(
+    raw: bytes, endpoint: Endpoint, trace: Trace, headers: Mapping[str, str] | None = None
+) -> Call:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model.strip() or len(model) > 256:
+    model = payload.get("model", "" if not endpoint.needs_model else None)
+    if (
+        not isinstance(model, str)
+        or len(model) > 256
+        or (endpoint.needs_model and not model.strip())
+    ):
         raise BadRequest("'model' is required: a model id or alias.", param="model")
+    endpoint.check(payload)
     stream = payload.get("stream", False)
-    if endpoint == CHAT:
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' is required: a non-empty array.", param="messages")
-        if not isinstance(stream, bool):
-            raise BadRequest("'stream' must be true or false.", param="stream")
-    else:
-        if not isinstance(payload.get("input"), str | list):
-            raise BadRequest("'input' is required: a string or an array.", param="input")
+    if not endpoint.streams:
         stream = False
-    return Call(endpoint, model, stream, payload, raw, trace)
+    elif not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", param="stream")
+    return Call(endpoint, model, stream, payload, raw, trace, headers or {})
 
 
 def request_id_of(request: web.Request) -> str:
@@ -189,6 +200,8 @@ class Proxy:
         self.auth = ClientAuth(settings.clients)
         self.policy = ClientPolicy(settings)
         self.routes = RouteTable(settings)
+        self._providers = {p.name: p for p in settings.providers}
+        self._passthrough = frozenset(path for p in settings.providers for path in p.passthrough)
         self._tz = settings.quota.tz
         self._reset = settings.quota.reset_time
 
@@ -199,6 +212,56 @@ class Proxy:
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, EMBEDDINGS)
+
+    async def images(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, IMAGES)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, MESSAGES)
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """An allow-listed ``/v1/<path>``; anything else is 404, so this is no open proxy."""
+        path = request.match_info.get("path", "")
+        if request.method != "POST" or path not in self._passthrough:
+            if path in FIXED_PATHS or path.startswith("tasks/"):
+                raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}.")
+            raise NotFound(f"No route for {request.method} {request.path}.")
+        if request.raw_path.split("?", 1)[0] != f"/v1/{path}":  # encoded slashes, dot segments
+            raise NotFound(f"No route for {request.method} {request.path}.")
+        return await self._handle(request, passthrough(path))
+
+    async def task(self, request: web.Request) -> web.StreamResponse:
+        """Poll an image task at the key that created it (any replica knows it): not a call."""
+        self.auth.authenticate(request.headers)
+        task_id = request.match_info.get("task_id", "")
+        if not _TASK_ID.match(task_id):
+            raise NotFound("No such task.", code="task_not_found")
+        try:
+            owner = await self.store.recall_task(task_id)
+        except StoreError:
+            raise StoreUnavailable("The quota store is unavailable; try again shortly.") from None
+        provider_name, _, key = (owner or "").partition("|")
+        provider = self._providers.get(provider_name)
+        if provider is None or not key:
+            raise NotFound("No such task (or it expired).", code="task_not_found")
+        headers = {
+            name: request.headers[name]
+            for name in ("X-ModelScope-Task-Type",)
+            if name in request.headers
+        }
+        try:
+            status, content_type, body = await self.upstreams.get(
+                provider, f"tasks/{task_id}", self.pool.secret(provider_name, key), headers
+            )
+        except TransportError as exc:
+            raise UpstreamError(
+                f"The upstream did not answer the task poll ({exc.failure})."
+            ) from None
+        return web.Response(
+            status=status,
+            body=body,
+            headers={"Content-Type": content_type or "application/json", "x-router-key": key},
+        )
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.auth.authenticate(request.headers)
@@ -212,12 +275,12 @@ class Proxy:
             body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
         )
 
-    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         trace = Trace(request_id_of(request), time.monotonic())
         self.metrics.inflight.inc()
         try:
             trace.client = self.auth.authenticate(request.headers)
-            call = parse_call(await self._read_body(request), endpoint, trace)
+            call = parse_call(await self._read_body(request), endpoint, trace, request.headers)
             trace.model = self._model_label(call.model)
             response = await self._forward(request, call)
             trace.status = response.status
@@ -225,6 +288,7 @@ class Proxy:
         except RouterError as exc:
             trace.status = exc.status
             exc.headers["x-request-id"] = trace.request_id
+            exc.anthropic = endpoint.anthropic
             raise
         finally:
             self.metrics.inflight.dec()
@@ -286,7 +350,7 @@ class Proxy:
                 code="model_not_allowed",
                 param="model",
             )
-        routes = known_routes(self.routes.resolve(call.model), self.catalog.models)
+        routes = self._routes_for(call)
         if not routes:
             raise NotFound(
                 f"The model '{call.model}' does not exist or no configured provider serves it.",
@@ -309,6 +373,13 @@ class Proxy:
             if self._out_of_attempts(progress):
                 break
         raise self._no_route_error(call, len(routes), progress)
+
+    def _routes_for(self, call: Call) -> tuple[Route, ...]:
+        endpoint = call.endpoint
+        if not call.model:  # a passthrough body without a model: every provider that declares it
+            return tuple(Route(p, "") for p in self._providers.values() if endpoint.url(p))
+        routes = known_routes(self.routes.resolve(call.model), self.catalog.models)
+        return tuple(r for r in routes if endpoint.url(r.provider) is not None)
 
     def _out_of_attempts(self, progress: _Progress) -> bool:
         return progress.failures >= self.settings.retry.max_attempts or progress.remaining() <= 0
@@ -388,7 +459,12 @@ class Proxy:
         try:
             async with asyncio.timeout(max(progress.remaining(), 0.001)):
                 reply = await self.upstreams.send(
-                    route.provider, call.endpoint, secret, call.body_for(route), stream=call.stream
+                    route.provider,
+                    call.endpoint.url(route.provider) or "",
+                    secret,
+                    call.body_for(route),
+                    stream=call.stream,
+                    extra_headers=self._extra_headers(call, secret),
                 )
         except TransportError as exc:
             return classify_transport(exc.failure, exc.detail), None
@@ -408,6 +484,19 @@ class Proxy:
             stream=call.stream,
         )
         return verdict, reply
+
+    def _extra_headers(self, call: Call, secret: str) -> dict[str, str] | None:
+        endpoint = call.endpoint
+        if not endpoint.forward_headers and not endpoint.anthropic:
+            return None
+        headers = {
+            name: value
+            for name in endpoint.forward_headers
+            if (value := call.headers.get(name)) is not None
+        }
+        if endpoint.anthropic:
+            headers["x-api-key"] = secret  # Anthropic clients' header; Bearer is sent as well
+        return headers
 
     async def _settle(self, res: Reservation, verdict: Verdict) -> None:
         settlement = settlement_for(verdict, daily_limit=res.daily_limit)
@@ -454,19 +543,33 @@ class Proxy:
         call.trace.provider, call.trace.key = res.provider, res.key
         if reply.first_chunk is None:
             reply.close()
+            if call.endpoint is IMAGES and reply.status == 200:
+                await self._remember_task(reply.body or b"", res)
             content_type = reply.response.headers.get("Content-Type", "application/json")
             headers["Content-Type"] = content_type
             return web.Response(status=reply.status, body=reply.body or b"", headers=headers)
-        return await self._relay_stream(request, reply, headers, call.trace)
+        return await self._relay_stream(request, reply, headers, call)
+
+    async def _remember_task(self, body: bytes, res: Reservation) -> None:
+        try:
+            task_id = orjson.loads(body).get("task_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(task_id, str) and _TASK_ID.match(task_id):
+            try:
+                await self.store.remember_task(task_id, f"{res.provider}|{res.key}", TASK_TTL_MS)
+            except StoreError as exc:
+                log.warning("could not remember image task %s: %s", task_id, exc)
 
     async def _relay_stream(
-        self, request: web.Request, reply: UpstreamReply, headers: dict[str, str], trace: Trace
+        self, request: web.Request, reply: UpstreamReply, headers: dict[str, str], call: Call
     ) -> web.StreamResponse:
         """Pass chunks on as they arrive; a stream that breaks ends with an error event."""
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = "text/event-stream"
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
+        trace = call.trace
         chunks = reply.response.content.iter_any()
         tail = b""
         chunk = reply.first_chunk or b""
@@ -494,8 +597,11 @@ class Proxy:
                     return response
                 finally:
                     trace.upstream_s += time.monotonic() - waiting
-            if _DONE not in tail:
-                await self._end_broken_stream(response, "the upstream stream ended without [DONE]")
+            if call.endpoint.done_marker not in tail:
+                marker = call.endpoint.done_marker.decode()
+                await self._end_broken_stream(
+                    response, f"the upstream stream ended without {marker}"
+                )
                 return response
             await response.write_eof()
             return response
@@ -513,7 +619,8 @@ class Proxy:
 
     def _no_route_error(self, call: Call, routes: int, progress: _Progress) -> RouterError:
         shares = [b for b in progress.blocked if b.reason is Refusal.CLIENT_SHARE]
-        if shares:
+        if shares and all(b.reason is Refusal.CLIENT_SHARE for b in progress.blocked):
+            # Only the client's own share stands in the way (no paid route it may use).
             return self._client_share(call, shares[0])
         if progress.blocked:
             return self._pool_exhausted(call, progress.blocked)

@@ -88,7 +88,7 @@ class Upstreams:
     async def send(
         self,
         provider: ProviderConfig,
-        path: str,
+        url: str,
         secret: str,
         body: bytes,
         *,
@@ -109,7 +109,7 @@ class Upstreams:
         session = self._sessions[provider.name]
         response: aiohttp.ClientResponse | None = None
         try:
-            response = await session.post(self._url(provider, path), data=body, headers=headers)
+            response = await session.post(url, data=body, headers=headers)
             reply = UpstreamReply(response)
             if response.status != 200:
                 reply.body = await response.content.read(ERROR_BODY_LIMIT)
@@ -130,6 +130,21 @@ class Upstreams:
         async with session.get(self._url(provider, path), headers=headers) as response:
             response.raise_for_status()
             return orjson.loads(await response.read())
+
+    async def get(
+        self, provider: ProviderConfig, path: str, secret: str, headers: Mapping[str, str]
+    ) -> tuple[int, str, bytes]:
+        """GET ``path`` with a key: (status, content type, body). Raises TransportError."""
+        session = self._sessions[provider.name]
+        try:
+            async with session.get(
+                self._url(provider, path),
+                headers={"Authorization": f"Bearer {secret}", **headers},
+            ) as response:
+                body = await response.content.read(ERROR_BODY_LIMIT * 16)
+                return response.status, response.headers.get("Content-Type", ""), body
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(transport_failure(exc), _describe(exc)) from exc
 
 
 async def _first_chunk(response: aiohttp.ClientResponse) -> bytes:

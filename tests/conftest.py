@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from router.quota.factory import open_store
+from router.quota.memory_store import MemoryStore
+from router.quota.redis_store import RedisStore
+from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore
 from tests.redis_server import RedisServer
+
+
+class FakeClock:
+    """A store's wall clock (Unix ms) that only moves when a test moves it."""
+
+    def __init__(self) -> None:
+        self.ms = int(time.time() * 1000)  # near the real time: Redis expires by its own clock
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
 
 
 @pytest.fixture(scope="session")
@@ -19,15 +35,23 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture(params=["memory", "sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QuotaStore]:
-    """A fresh, empty store: a tmp SQLite file, or a unique key prefix on the test Redis."""
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[QuotaStore]:
+    """A fresh, empty store on ``clock``: a tmp SQLite file, or a unique prefix on Redis."""
+    quota_store: QuotaStore
     if request.param == "memory":
-        quota_store = open_store("memory://")
+        quota_store = MemoryStore(clock=clock)
     elif request.param == "sqlite":
-        quota_store = open_store(f"sqlite:///{tmp_path / 'quota.db'}")
+        quota_store = SqliteStore(tmp_path / "quota.db", clock=clock)
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
-        quota_store = open_store(server.url, prefix=f"test-{uuid.uuid4().hex}")
+        quota_store = RedisStore(server.url, prefix=f"test-{uuid.uuid4().hex}", clock=clock)
     yield quota_store
     await quota_store.aclose()

@@ -34,6 +34,7 @@ def team_config(sim: Simulator, **alice: Any) -> dict[str, Any]:
         {"name": "alice", "key_sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest(), **alice},
         {"name": "bob", "key": BOB_KEY},
     ]
+    config["fair_share"] = {"below": 0}  # these tests are about other rules: no share-out
     return config
 
 

@@ -19,7 +19,9 @@ from router.quota import keys as k
 from router.quota import logic
 from router.quota.redis_store import RedisStore
 from router.quota.types import (
+    ClientQuota,
     Cooldown,
+    FairShare,
     KeySpec,
     Reservation,
     ReserveRequest,
@@ -32,10 +34,12 @@ PROVIDER = "modelscope"
 DAY = "20991230"
 MODELS = ("Qwen/Qwen3-8B", "deepseek-ai/DeepSeek-V3:free", "plain")
 FINGERPRINTS = ("fpA", "fpB")
+CLIENTS = ("alice", "bob.b", "c-3")
+STRANGER = "zed"  # a client missing from the weights
 # Redis expires a day map by its own clock: keep the times near the real one.
 NOW = int(time.time() * 1000)
 EXAMPLES = settings(
-    max_examples=150,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -46,11 +50,13 @@ class DayState:
     specs: tuple[KeySpec, ...]
     fields: dict[str, str]
     disabled: dict[str, str]
+    clients: dict[str, str]  # the clients day map
 
 
 small = st.integers(0, 3)
 maybe_small = st.none() | small
 limits = st.none() | st.sampled_from([0, 2, 4, 6])
+capped_limits = st.sampled_from([0, 4, 6, 8, 8])  # every key capped: the fair share applies
 # Untils on and next to NOW, where "still cooling" flips, as well as spread around it.
 untils = st.sampled_from([NOW - 1, NOW, NOW + 1]) | st.integers(NOW - 4000, NOW + 4000)
 cooldowns = st.tuples(untils, st.integers(1, 5))
@@ -94,10 +100,12 @@ def _copy_key(fields: dict[str, str], source: str, name: str) -> None:
 
 
 @st.composite
-def day_states(draw: st.DrawFn) -> DayState:
+def day_states(draw: st.DrawFn, capped: bool = False) -> DayState:
+    """Random maps; ``capped``: every key has a daily limit (so a fair share can apply)."""
     specs: list[KeySpec] = []
     fields: dict[str, str] = {}
     disabled: dict[str, str] = {}
+    key_limits = capped_limits if capped else draw(st.sampled_from([limits, capped_limits]))
     for i in range(draw(st.integers(1, 6))):
         name = f"key-{i}.x_"
         fingerprint = draw(st.sampled_from(FINGERPRINTS))
@@ -107,14 +115,58 @@ def day_states(draw: st.DrawFn) -> DayState:
             specs.append(KeySpec(name, fingerprint, twin.daily_limit, twin.model_limit))
             _copy_key(fields, twin.name, name)
         else:
-            specs.append(KeySpec(name, fingerprint, draw(limits), draw(limits)))
+            specs.append(KeySpec(name, fingerprint, draw(key_limits), draw(limits)))
             _draw_key_fields(draw, name, fields)
         if draw(st.integers(0, 5)) == 0:
             record = draw(st.sampled_from(FINGERPRINTS))
             disabled[name] = logic.disabled_record(record, "401")
     cursor = draw(st.integers(-1, 13))  # -1: no cursor yet
     _put(fields, k.CURSOR_FIELD, None if cursor < 0 else cursor)
-    return DayState(tuple(specs), fields, disabled)
+    clients: dict[str, str] = {}
+    _draw_client_fields(draw, fields, clients)
+    return DayState(tuple(specs), fields, disabled, clients)
+
+
+def _draw_client_fields(draw: st.DrawFn, fields: dict[str, str], clients: dict[str, str]) -> None:
+    """Client counters, last-seen times around the active windows, and maybe a share-out."""
+    _put(fields, k.SHARE_OUT_FIELD, draw(st.none() | st.none() | st.integers(0, 12)))
+    for name in (*CLIENTS, STRANGER):
+        _put(fields, k.fair_used_field(name), draw(st.none() | st.integers(0, 6)))
+        _put(clients, k.client_used_field(name), draw(st.none() | st.integers(0, 6)))
+        _put(clients, k.client_free_used_field(name), draw(st.none() | st.integers(0, 6)))
+        _put(clients, k.client_seen_field(name), draw(st.none() | seen_times))
+
+
+# Last seen: on and next to the edges of the windows drawn below (NOW - 1000, NOW - 3000).
+seen_times = st.sampled_from([NOW - 3001, NOW - 3000, NOW - 1001, NOW - 1000, NOW]) | st.integers(
+    NOW - 5000, NOW + 1000
+)
+weights = st.sampled_from([1.0, 3.0, 0.5, 1 / 3, 2.7]) | st.floats(0.01, 10.0)
+fair_shares = st.builds(
+    FairShare,
+    below=st.sampled_from([0.0, 0.3, 0.5, 1.0, 1.5]) | st.floats(0.0, 1.2),
+    weights=st.lists(
+        st.tuples(st.sampled_from(CLIENTS), weights), max_size=3, unique_by=lambda w: w[0]
+    ).map(tuple),
+    active_window_ms=st.none() | st.sampled_from([1000, 3000]),
+)
+free_clients = st.builds(
+    ClientQuota,
+    name=st.sampled_from((*CLIENTS, STRANGER)),
+    daily_limit=st.none() | st.none() | st.integers(0, 7),
+    fair_share=fair_shares,
+)
+paid_clients = st.builds(
+    ClientQuota,
+    name=st.sampled_from((*CLIENTS, STRANGER)),
+    daily_limit=st.none() | st.integers(0, 7),
+    fair_share=st.none(),
+)
+client_quotas = st.one_of(st.none(), paid_clients, free_clients)
+# Half the cases: a free client on an all-capped pool, where the fair share decides most.
+reserve_cases = st.tuples(day_states(), client_quotas) | st.tuples(
+    day_states(capped=True), free_clients
+)
 
 
 settlements = st.builds(
@@ -137,35 +189,38 @@ settlements = st.builds(
 
 
 class Lua:
-    """Runs the Redis store's scripts on a given day map, on its own event loop."""
+    """Runs the Redis store's scripts on given maps, on its own event loop."""
 
     def __init__(self, server: RedisServer) -> None:
         self.prefix = f"parity-{uuid.uuid4().hex}"
         self.loop = asyncio.new_event_loop()
         self.store = RedisStore(server.url, prefix=self.prefix)
         self.admin = redis.Redis.from_url(server.url, decode_responses=True)
-        self.day_key = k.day_key(self.prefix, PROVIDER, DAY)
-        self.disabled_key = k.disabled_key(self.prefix, PROVIDER)
+        self.keys = (
+            k.day_key(self.prefix, PROVIDER, DAY),
+            k.disabled_key(self.prefix, PROVIDER),
+            k.clients_key(self.prefix, DAY),
+        )
 
     def load(self, state: DayState) -> None:
-        self.admin.delete(self.day_key, self.disabled_key)
-        if state.fields:
-            self.admin.hset(self.day_key, items=list(chain(*state.fields.items())))
-        if state.disabled:
-            self.admin.hset(self.disabled_key, items=list(chain(*state.disabled.items())))
+        self.admin.delete(*self.keys)
+        for key, fields in zip(
+            self.keys, (state.fields, state.disabled, state.clients), strict=True
+        ):
+            if fields:
+                self.admin.hset(key, items=list(chain(*fields.items())))
 
     def run(self, call: Callable[[RedisStore], Any]) -> Any:
         return self.loop.run_until_complete(call(self.store))
 
-    def maps(self) -> tuple[dict[str, str], dict[str, str]]:
-        day = self.admin.hgetall(self.day_key)
-        disabled = self.admin.hgetall(self.disabled_key)
-        return {str(f): str(v) for f, v in day.items()}, {
-            str(f): str(v) for f, v in disabled.items()
-        }
+    def maps(self) -> tuple[dict[str, str], ...]:
+        """The day map, the disabled map and the clients day map, as they are now."""
+        return tuple(
+            {str(f): str(v) for f, v in self.admin.hgetall(key).items()} for key in self.keys
+        )
 
     def close(self) -> None:
-        self.admin.delete(self.day_key, self.disabled_key)
+        self.admin.delete(*self.keys)
         self.admin.close()
         self.loop.run_until_complete(self.store.aclose())
         self.loop.close()
@@ -178,19 +233,55 @@ def lua(redis_server: RedisServer) -> Iterator[Lua]:
     runner.close()
 
 
-def _state(*fields: tuple[str, object], keys: int = 2) -> DayState:
-    specs = tuple(KeySpec(f"k{i}", "fpA", None, None) for i in range(keys))
-    return DayState(specs, {f: str(v) for f, v in fields}, {})
+def _state(
+    *fields: tuple[str, object],
+    keys: int = 2,
+    limit: int | None = None,
+    clients: tuple[tuple[str, object], ...] = (),
+) -> DayState:
+    specs = tuple(KeySpec(f"k{i}", "fpA", limit, None) for i in range(keys))
+    return DayState(specs, {f: str(v) for f, v in fields}, {}, {f: str(v) for f, v in clients})
 
 
+EQUAL = FairShare(0.3, (("alice", 1.0), ("bob.b", 1.0)), None)
+ACTIVE = FairShare(0.3, (("alice", 1.0), ("bob.b", 3.0), ("c-3", 1.0)), 1000)
 # Edges random maps reach only now and then: pinned so every run checks them.
 RESERVE_EDGES = [
-    _state(("c|k0", f"{NOW}:1")),  # a cooldown ending now is over
+    (_state(("c|k0", f"{NOW}:1")), None),  # a cooldown ending now is over
     # available at the later of key and model cooldown; retry_at the earliest such
-    _state(
-        ("c|k0", f"{NOW + 3000}:1"), ("c|k0|plain", f"{NOW + 1000}:1"), ("c|k1", f"{NOW + 2000}:1")
+    (
+        _state(
+            ("c|k0", f"{NOW + 3000}:1"),
+            ("c|k0|plain", f"{NOW + 1000}:1"),
+            ("c|k1", f"{NOW + 2000}:1"),
+        ),
+        None,
     ),
-    _state(("u|k1", 1), ("rr", 1), keys=3),  # most_remaining tie after the cursor
+    (_state(("u|k1", 1), ("rr", 1), keys=3), None),  # most_remaining tie after the cursor
+    # the client's daily limit: reached, and one call short of it
+    (_state(clients=(("t|alice", 3),)), ClientQuota("alice", 3, None)),
+    (_state(clients=(("t|alice", 2),)), ClientQuota("alice", 3, EQUAL)),
+    # 20 - 14 = 6 left = 0.3 * 20: not below yet; 5 left: the share-out starts (share 2)
+    (_state(("u|k0", 7), ("u|k1", 7), limit=10), ClientQuota("alice", None, EQUAL)),
+    (_state(("u|k0", 8), ("u|k1", 7), limit=10), ClientQuota("alice", None, EQUAL)),
+    (
+        _state(("u|k0", 8), ("u|k1", 7), ("fu|alice", 2), limit=10),
+        ClientQuota("alice", None, EQUAL),
+    ),
+    # shared out: the share is floor(fs * w / W); a key without a cap turns it off
+    (_state(("fs", 5), ("fu|bob.b", 1), limit=10), ClientQuota("bob.b", None, EQUAL)),
+    (_state(("fs", 5), ("fu|bob.b", 2)), ClientQuota("bob.b", None, EQUAL)),
+    # active window: c-3 seen exactly at its edge counts, bob.b one ms before does not
+    (
+        _state(
+            ("fs", 10),
+            ("fu|alice", 5),  # the share is 5 with c-3 counted, 10 without
+            limit=10,
+            clients=(("s|c-3", NOW - 1000), ("s|bob.b", NOW - 1001)),
+        ),
+        ClientQuota("alice", None, ACTIVE),
+    ),
+    (_state(("fs", 3), limit=10), ClientQuota(STRANGER, 9, EQUAL)),  # not in the weights
 ]
 SETTLE_EDGES = [
     (_state(("c|k0", f"{NOW + 500}:3")), Settlement(cooldown=Cooldown("key", 10, 10, fixed=True))),
@@ -202,22 +293,38 @@ SETTLE_EDGES = [
 def test_reserve_lua_matches_reserve_on(lua: Lua) -> None:
     @EXAMPLES
     @given(
-        state=day_states(),
+        case=reserve_cases,
         strategy=st.sampled_from(Strategy),
         model=st.sampled_from(MODELS),
         now=nows,
     )
-    def check(state: DayState, strategy: Strategy, model: str, now: int) -> None:
-        req = ReserveRequest(PROVIDER, model, state.specs, strategy, DAY, now, now + 3_600_000)
-        expected, changed = logic.reserve_on(state.fields, state.disabled, req)
+    def check(
+        case: tuple[DayState, ClientQuota | None], strategy: Strategy, model: str, now: int
+    ) -> None:
+        state, client = case
+        req = ReserveRequest(
+            PROVIDER, model, state.specs, strategy, DAY, now, now + 3_600_000, client
+        )
+        expected, changed, changed_clients = logic.reserve_on(
+            state.fields, state.disabled, state.clients, req
+        )
         lua.load(state)
         assert lua.run(lambda store: store.reserve(req)) == expected
-        assert lua.maps() == ({**state.fields, **changed}, state.disabled)
+        assert lua.maps() == (
+            {**state.fields, **changed},
+            state.disabled,
+            {**state.clients, **changed_clients},
+        )
 
-    for state in RESERVE_EDGES:
+    for state, client in RESERVE_EDGES:
         for strategy in Strategy:
-            check = example(state=state, strategy=strategy, model="plain", now=NOW)(check)
+            check = example(case=(state, client), strategy=strategy, model="plain", now=NOW)(check)
     check()
+
+
+reservation_clients = st.none() | st.tuples(
+    st.sampled_from((*CLIENTS, STRANGER)), st.booleans(), st.booleans()
+)
 
 
 def test_settle_lua_matches_settle_on(lua: Lua) -> None:
@@ -231,6 +338,7 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
         settlement=settlements,
         now=nows,
         day_end_in=st.integers(0, 30_000),
+        client=reservation_clients,
     )
     def check(
         state: DayState,
@@ -241,19 +349,33 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
         settlement: Settlement,
         now: int,
         day_end_in: int,
+        client: tuple[str, bool, bool] | None,
     ) -> None:
         name = state.specs[pick % len(state.specs)].name
+        name_of, free, fair_counted = (None, False, False) if client is None else client
         res = Reservation(
-            PROVIDER, name, fingerprint, model, DAY, now + day_end_in, *key_limits, None, None
+            PROVIDER,
+            name,
+            fingerprint,
+            model,
+            DAY,
+            now + day_end_in,
+            *key_limits,
+            None,
+            None,
+            client=name_of,
+            fair_counted=fair_counted and free,
+            free=free,
         )
-        expected, changed, changed_disabled = logic.settle_on(
-            state.fields, state.disabled, res, settlement, now
+        expected, changed, changed_disabled, changed_clients = logic.settle_on(
+            state.fields, state.disabled, state.clients, res, settlement, now
         )
         lua.load(state)
         assert lua.run(lambda store: store.settle(res, settlement, now)) == expected
         assert lua.maps() == (
             {**state.fields, **changed},
             {**state.disabled, **changed_disabled},
+            {**state.clients, **changed_clients},
         )
 
     for state, settlement in SETTLE_EDGES:
@@ -266,5 +388,20 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
             settlement=settlement,
             now=NOW,
             day_end_in=30_000,
+            client=None,
+        )(check)
+    # A release gives the call back to the client too, never below zero.
+    released = _state(("fu|alice", 1), clients=(("t|alice", 1),))
+    for client in (("alice", True, True), ("alice", False, False), ("bob.b", True, True)):
+        check = example(
+            state=released,
+            pick=0,
+            model="plain",
+            fingerprint="fpA",
+            key_limits=(10, None),
+            settlement=Settlement(release=True),
+            now=NOW,
+            day_end_in=30_000,
+            client=client,
         )(check)
     check()

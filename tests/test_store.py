@@ -6,27 +6,37 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection as AsyncConnection
+from redis.crc import key_slot
 
+from router.quota import keys as k
 from router.quota.factory import open_store
 from router.quota.memory_store import MemoryStore
 from router.quota.redis_store import RedisStore
 from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore, StoreError
 from router.quota.types import (
+    ClientQuota,
+    ClientUsage,
     Cooldown,
+    FairShare,
     KeySpec,
     KeyState,
     KeyUsage,
     NoCapacity,
+    Refusal,
     Reservation,
     ReserveRequest,
     Settlement,
     Strategy,
 )
+from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
 
 PROVIDER = "modelscope"
@@ -381,6 +391,200 @@ async def test_concurrent_reserves_are_exact(store: QuotaStore) -> None:
     assert [u.used for u in (await usage(store, keys)).values()] == [50, 50, 50]
 
 
+# --- clients -------------------------------------------------------------------------------------
+
+FREE = FairShare(below=0.3, weights=(("alice", 1.0), ("bob", 1.0)), active_window_ms=None)
+
+
+def client(
+    name: str = "alice", limit: int | None = None, fair: FairShare | None = None
+) -> ClientQuota:
+    return ClientQuota(name, limit, fair)
+
+
+def for_client(keys: tuple[KeySpec, ...], who: ClientQuota, **kw: Any) -> ReserveRequest:
+    return replace(request(keys, **kw), client=who)
+
+
+async def client_usage(store: QuotaStore, *names: str, **kw: Any) -> dict[str, ClientUsage]:
+    return {u.client: u for u in await store.client_usage(DAY, names, **kw)}
+
+
+async def test_client_daily_limit_is_exact_under_concurrency(store: QuotaStore) -> None:
+    keys = (key("a", 100), key("b", 100))
+    req = for_client(keys, client("alice", limit=37))
+    outcomes = await asyncio.gather(*(store.reserve(req) for _ in range(100)))
+    reservations = [o for o in outcomes if isinstance(o, Reservation)]
+    refusals = [o for o in outcomes if isinstance(o, NoCapacity)]
+    assert len(reservations) == 37
+    assert {r.client for r in reservations} == {"alice"}
+    assert set(refusals) == {NoCapacity(PROVIDER, MODEL, None, Refusal.CLIENT_LIMIT, 37)}
+    # A refusal touches no key: exactly the 37 calls are counted.
+    assert sum(u.used for u in (await usage(store, keys)).values()) == 37
+    assert (await client_usage(store, "alice"))["alice"] == ClientUsage("alice", 37, 0, ())
+    # The limit is the client's own: another client still gets keys.
+    assert (await reserve(store, for_client(keys, client("bob", limit=1)))).client == "bob"
+
+
+async def test_client_limit_counts_every_provider_and_day(store: QuotaStore) -> None:
+    keys = (key("a"),)
+    alice = client("alice", limit=2)
+    await reserve(store, for_client(keys, alice))
+    other = replace(for_client(keys, alice), provider="other")
+    await reserve(store, other)
+    refused = await no_capacity(store, other)
+    assert (refused.reason, refused.client_limit, refused.retry_at_ms) == (
+        Refusal.CLIENT_LIMIT,
+        2,
+        None,
+    )
+    tomorrow = for_client(keys, alice, day=NEXT_DAY, day_end=DAY_END + 86_400_000)
+    assert (await reserve(store, tomorrow)).client == "alice"
+
+
+async def test_a_zero_daily_limit_refuses_at_once(store: QuotaStore) -> None:
+    refused = await no_capacity(store, for_client((key("a"),), client(limit=0)))
+    assert (refused.reason, refused.client_limit) == (Refusal.CLIENT_LIMIT, 0)
+    assert (await usage(store, (key("a"),)))["a"].used == 0
+
+
+async def test_release_gives_the_client_its_calls_back(store: QuotaStore) -> None:
+    keys = (key("a", 100),)
+    paid = await reserve(store, for_client(keys, client(limit=2)))
+    free = await reserve(store, for_client(keys, client(limit=2, fair=FREE)))
+    assert (paid.free, free.free, free.fair_counted) == (False, True, False)
+    await no_capacity(store, for_client(keys, client(limit=2)))
+    assert (await client_usage(store, "alice"))["alice"] == ClientUsage("alice", 2, 1, ())
+    await store.settle(free, Settlement(release=True), NOW)
+    assert (await client_usage(store, "alice"))["alice"] == ClientUsage("alice", 1, 0, ())
+    for _ in range(2):  # never below zero
+        await store.settle(paid, Settlement(release=True), NOW)
+        await store.settle(free, Settlement(release=True), NOW)
+    assert (await client_usage(store, "alice"))["alice"] == ClientUsage("alice", 0, 0, ())
+    assert (await reserve(store, for_client(keys, client(limit=2)))).remaining == 99
+
+
+async def test_settle_without_release_leaves_the_client_count(store: QuotaStore) -> None:
+    keys = (key("a", 100),)
+    res = await reserve(store, for_client(keys, client()))
+    await store.settle(res, Settlement(remaining=50, cooldown=Cooldown("key", 1, 1)), NOW)
+    assert (await client_usage(store, "alice"))["alice"].used == 1
+
+
+async def test_client_usage_of_unknown_clients_is_zero_in_the_given_order(
+    store: QuotaStore,
+) -> None:
+    await reserve(store, for_client((key("a"),), client("bob")))
+    got = await store.client_usage(DAY, ["nobody", "bob", "alice"], {PROVIDER: FREE}, NOW)
+    assert got == [
+        ClientUsage("nobody", 0, 0, ()),
+        ClientUsage("bob", 1, 0, ()),
+        ClientUsage("alice", 0, 0, ()),
+    ]
+    assert await store.client_usage(NEXT_DAY, ["bob"]) == [ClientUsage("bob", 0, 0, ())]
+
+
+async def test_client_usage_shows_shares_of_shared_out_pools_only(store: QuotaStore) -> None:
+    keys = (key("a", 10),)
+    await reserve(store, replace(request(keys), provider="quiet"))  # free, never shared out
+    for _ in range(8):  # 2 left < 0.3 * 10 on the next call: shared out, 1 each
+        await reserve(store, for_client(keys, client("bob", fair=FREE)))
+    alice = await reserve(store, for_client(keys, client("alice", fair=FREE)))
+    assert alice.fair_counted
+    free = {"quiet": FREE, PROVIDER: FREE}
+    got = await client_usage(store, "alice", "bob", free=free, now_ms=NOW)
+    assert got["alice"] == ClientUsage("alice", 1, 1, ((PROVIDER, 1, 1),))
+    assert got["bob"] == ClientUsage("bob", 8, 8, ((PROVIDER, 1, 0),))
+    # Without the providers' parameters no share can be computed: totals only.
+    assert (await client_usage(store, "alice"))["alice"] == ClientUsage("alice", 1, 1, ())
+
+
+# --- disable, reset ---------------------------------------------------------------------------
+
+
+async def test_disable_and_enable(store: QuotaStore) -> None:
+    keys = (key("a"), key("b"))
+    assert await store.disable(PROVIDER, "a", "fp1", "revoked")
+    assert not await store.disable(PROVIDER, "a", "fp1", "still revoked")
+    snap = await usage(store, keys)
+    assert (snap["a"].state, snap["a"].reason) == (KeyState.DISABLED, "still revoked")
+    assert await picks(store, request(keys), 2) == ["b", "b"]
+    # Only for that secret: a new one under the same name is usable, and disabling it is new.
+    assert (await reserve(store, request((key("a", fp="fp2"),)))).key == "a"
+    assert await store.disable(PROVIDER, "a", "fp2", "revoked too")
+    await store.enable(PROVIDER, "a")
+    assert (await usage(store, keys))["a"].state == KeyState.AVAILABLE
+    assert await store.disable(PROVIDER, "a", "fp1", "again")
+    # settle sees a disable made by hand as already made
+    res = await reserve(store, request(keys[1:]))
+    assert await store.disable(PROVIDER, "b", "fp1", "by hand")
+    assert not (await store.settle(res, Settlement(disable_reason="401"), NOW)).newly_disabled
+
+
+async def test_reset_key_forgets_one_key_of_one_day(store: QuotaStore) -> None:
+    keys = (key("a", 3), key("b", 3))
+    res_a = await reserve(store, request(keys[:1]))
+    await reserve(store, request(keys[:1], model=OTHER_MODEL))
+    await store.settle(res_a, Settlement(exhaust="ambiguous", near_zero=0), NOW)  # a|a, x|a|m
+    await store.settle(res_a, Settlement(cooldown=Cooldown("key", 60_000, 60_000)), NOW)
+    await store.settle(res_a, Settlement(cooldown=Cooldown("model", 60_000, 60_000)), NOW)
+    await store.settle(res_a, Settlement(exhaust="key"), NOW)
+    res_b = await reserve(store, request(keys[1:]))
+    await store.settle(res_b, Settlement(cooldown=Cooldown("key", 60_000, 60_000)), NOW)
+    tomorrow = request(keys[:1], day=NEXT_DAY, day_end=DAY_END + 86_400_000)
+    await reserve(store, tomorrow)
+    assert await store.disable(PROVIDER, "a", "fp1", "401")
+
+    await store.reset_key(PROVIDER, "a", DAY)
+    await store.reset_key(PROVIDER, "never-used", DAY)
+    await store.reset_key("nobody", "a", DAY)
+
+    snap = await usage(store, keys)
+    assert (snap["a"].used, snap["a"].models) == (0, ())
+    assert (snap["a"].state, snap["a"].reason) == (KeyState.DISABLED, "401")  # not reset_key's
+    assert (snap["b"].used, snap["b"].state) == (1, KeyState.COOLING)
+    assert (await usage(store, keys, day=NEXT_DAY))["a"].used == 1
+    await store.enable(PROVIDER, "a")
+    assert (await usage(store, keys))["a"].state == KeyState.AVAILABLE
+    # The ambiguous note is gone too: the first model refused again means that model only.
+    res = await reserve(store, request(keys[:1], model=OTHER_MODEL))
+    ambiguous = Settlement(exhaust="ambiguous", near_zero=0)
+    assert (await store.settle(res, ambiguous, NOW)).exhausted == "model"
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+async def test_tasks_remember_and_recall(store: QuotaStore) -> None:
+    assert await store.recall_task("unknown") is None
+    await store.remember_task("task-1", "modelscope/a", ttl_ms=60_000)
+    await store.remember_task("task-2", "modelscope/b", ttl_ms=60_000)
+    assert await store.recall_task("task-1") == "modelscope/a"
+    await store.remember_task("task-1", "modelscope/c", ttl_ms=60_000)
+    assert [await store.recall_task(t) for t in ("task-1", "task-2")] == [
+        "modelscope/c",
+        "modelscope/b",
+    ]
+    with pytest.raises(ValueError, match="ttl_ms"):
+        await store.remember_task("task-3", "x", ttl_ms=0)
+
+
+async def test_tasks_expire_after_their_ttl(store: QuotaStore, clock: FakeClock) -> None:
+    if isinstance(store, RedisStore):
+        pytest.skip("Redis expires by its own clock: test_redis_task_keys_get_the_ttl")
+    await store.remember_task("task-1", "modelscope/a", ttl_ms=1000)
+    await store.remember_task("task-2", "modelscope/b", ttl_ms=5)
+    clock.advance(999)
+    assert [await store.recall_task(t) for t in ("task-1", "task-2")] == ["modelscope/a", None]
+    clock.advance(1)
+    assert await store.recall_task("task-1") is None
+    # Remembered again (the expired ones pruned on the way): a fresh ttl from now.
+    await store.remember_task("task-1", "modelscope/c", ttl_ms=1)
+    assert await store.recall_task("task-1") == "modelscope/c"
+    clock.advance(1)
+    assert await store.recall_task("task-1") is None
+
+
 # --- store-specific ------------------------------------------------------------------------------
 
 
@@ -426,7 +630,7 @@ async def test_redis_day_map_expires_a_day_after_the_reset(redis_server: RedisSe
     admin = Redis.from_url(redis_server.url, decode_responses=True)
     try:
         res = await reserve(store, request((key("a"),)))
-        day_map = f"{prefix}:{{{PROVIDER}}}:day:{DAY}"
+        day_map = f"{{{prefix}}}:p:{PROVIDER}:day:{DAY}"
         assert await admin.exists(day_map) == 1
         assert await admin.pexpiretime(day_map) == DAY_END + 86_400_000
         await admin.persist(day_map)
@@ -475,6 +679,11 @@ async def test_redis_down_raises_store_error() -> None:
                 store.settle(res, Settlement(release=True), NOW),
                 store.snapshot(PROVIDER, keys, DAY, NOW),
                 store.enable(PROVIDER, "a"),
+                store.disable(PROVIDER, "a", "fp1", "401"),
+                store.reset_key(PROVIDER, "a", DAY),
+                store.client_usage(DAY, ["alice"], {PROVIDER: FREE}, NOW),
+                store.remember_task("t", "v", 1000),
+                store.recall_task("t"),
                 store.ping(),
             ):
                 with pytest.raises(StoreError) as caught:
@@ -482,6 +691,120 @@ async def test_redis_down_raises_store_error() -> None:
                 assert caught.value.__cause__ is not None
         finally:
             await store.aclose()
+
+
+async def test_redis_task_keys_get_the_ttl(redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    admin = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await store.remember_task("task/1", "modelscope/a", ttl_ms=1500)
+        assert 0 < await admin.pttl(f"{{{prefix}}}:task:task/1") <= 1500
+    finally:
+        await admin.aclose()
+        await store.aclose()
+
+
+async def _exercise_every_key(store: QuotaStore, provider: str) -> None:
+    """Write every kind of key: day maps of two days, disabled map, clients maps, a task."""
+    keys = (key("a", 10),)
+    for day in (DAY, NEXT_DAY):
+        req = replace(for_client(keys, client(fair=FREE), day=day), provider=provider)
+        res = await reserve(store, req)
+        await store.settle(res, Settlement(disable_reason="401"), NOW)
+        await store.enable(provider, "a")
+    await store.remember_task("t-1", "x", ttl_ms=60_000)
+
+
+async def test_redis_every_key_of_a_deployment_shares_one_hash_tag(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    admin = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await _exercise_every_key(store, PROVIDER)
+        await store.disable(PROVIDER, "a", "fp1", "401")
+        await _exercise_every_key(store, "clients")  # a provider named like the clients map
+        names = sorted([name async for name in admin.scan_iter(match=f"*{prefix}*")])
+    finally:
+        await admin.aclose()
+        await store.aclose()
+    tag = f"{{{prefix}}}"
+    assert names == sorted(
+        [
+            f"{tag}:p:{PROVIDER}:day:{DAY}",
+            f"{tag}:p:{PROVIDER}:day:{NEXT_DAY}",
+            f"{tag}:p:{PROVIDER}:disabled",
+            f"{tag}:p:clients:day:{DAY}",
+            f"{tag}:p:clients:day:{NEXT_DAY}",
+            f"{tag}:clients:day:{DAY}",
+            f"{tag}:clients:day:{NEXT_DAY}",
+            f"{tag}:task:t-1",
+        ]
+    )
+    # Cluster hashes only what is inside the first {...}: one slot for the whole deployment.
+    assert {name[name.index("{") + 1 : name.index("}")] for name in names} == {prefix}
+    assert len({key_slot(name.encode()) for name in names}) == 1
+
+
+def test_key_names_of_the_default_prefix() -> None:
+    assert k.day_key(k.DEFAULT_PREFIX, "modelscope", "20261129") == (
+        "{modelscope-router}:p:modelscope:day:20261129"
+    )
+    assert k.clients_key(k.DEFAULT_PREFIX, "20261129") == "{modelscope-router}:clients:day:20261129"
+    assert k.day_key(k.DEFAULT_PREFIX, "clients", "1") != k.clients_key(k.DEFAULT_PREFIX, "1")
+
+
+class _RoundTrips:
+    """Counts what the Redis client writes to its sockets: one write per round trip."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        send = AsyncConnection.send_packed_command
+
+        async def counting(conn: AsyncConnection, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            await send(conn, command, check_health)
+
+        monkeypatch.setattr(AsyncConnection, "send_packed_command", counting)
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+async def test_redis_every_call_is_one_round_trip(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(redis_server.url, prefix=f"test-{uuid.uuid4().hex}")
+    keys = (key("a", 10), key("b", 10))
+    free = for_client(keys, client("alice", limit=100, fair=FREE))
+    try:
+        for _ in range(2):  # load the scripts (NOSCRIPT) and open a connection first
+            res = await reserve(store, free)
+            await store.settle(res, Settlement(release=True), NOW)
+            await store.reset_key(PROVIDER, "zzz", DAY)
+        trips = _RoundTrips(monkeypatch)
+        for _ in range(16):  # into the share-out: 20 - 15 < 0.3 * 20 on the 16th call
+            res = await reserve(store, free)
+        assert trips.take() == 16
+        assert res.fair_counted
+        calls = [
+            store.settle(res, Settlement(release=True), NOW),
+            store.disable(PROVIDER, "a", "fp1", "401"),
+            store.enable(PROVIDER, "a"),
+            store.reset_key(PROVIDER, "a", DAY),
+            store.client_usage(DAY, ["alice", "bob"], {PROVIDER: FREE, "other": FREE}, NOW),
+            store.remember_task("t", "v", 1000),
+            store.recall_task("t"),
+            store.snapshot(PROVIDER, keys, DAY, NOW),
+        ]
+        for call in calls:
+            await call
+            assert trips.take() == 1, call
+    finally:
+        await store.aclose()
 
 
 def test_redis_repr_hides_the_password() -> None:

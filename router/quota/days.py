@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from time import time_ns
 from zoneinfo import ZoneInfo
 
 
@@ -42,3 +43,8 @@ def _aware(moment: datetime) -> datetime:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def wall_clock_ms() -> int:
+    """Unix milliseconds now: the default clock of the stores (task expiry)."""
+    return time_ns() // 1_000_000

@@ -9,23 +9,75 @@ from typing import NamedTuple
 
 DEFAULT_PREFIX = "modelscope-router"
 
+# Redis keys. ONE hash tag per deployment, ``{<prefix>}``, on every key: a reserve counts the
+# client (in the clients day map, shared by all providers) atomically with the key (in the
+# provider's day map) in one script, and a script may only touch keys of one Cluster slot.
+# Per-provider tags would put the clients map in another slot. So the whole deployment is
+# one slot: still correct on Redis Cluster, just not spread over its shards (this load is
+# small). Provider maps sit under ``p:<provider>``; provider names cannot hold ':', so no
+# provider (not even one named "clients" or "task") can collide with the other keys.
+#   {prefix}:p:<provider>:day:<day>    a provider's day map (fields below)
+#   {prefix}:p:<provider>:disabled     key name -> "fingerprint|reason"
+#   {prefix}:clients:day:<day>         the clients day map (fields below)
+#   {prefix}:task:<task_id>            which provider/key created an asynchronous task
+
+# Provider day map fields: per key (and model) ...
 USED = "u"
 MODEL_USED = "m"
 EXHAUSTED = "x"
 COOLING = "c"
 AMBIGUOUS = "a"
 CURSOR_FIELD = "rr"
-SEP = "|"  # never part of a key name or a model name
+# ... and, on free providers, the fair share: the pool's remaining when it first ran low
+# (set once a day) and each client's calls on the provider since then.
+SHARE_OUT_FIELD = "fs"
+FAIR_USED = "fu"
+# Clients day map fields: calls today on every provider, of which on free providers, and
+# when the client was last counted (Unix ms; "active" clients in the fair share).
+CLIENT_USED = "t"
+CLIENT_FREE_USED = "f"
+CLIENT_SEEN = "s"
+SEP = "|"  # never part of a key, model or client name
+
+
+def _tag(prefix: str) -> str:
+    return f"{{{prefix}}}"
 
 
 def day_key(prefix: str, provider: str, day: str) -> str:
-    """Redis key of a provider's day map; the hash tag keeps both maps in one cluster slot."""
-    return f"{prefix}:{{{provider}}}:day:{day}"
+    """Redis key of a provider's day map."""
+    return f"{_tag(prefix)}:p:{provider}:day:{day}"
 
 
 def disabled_key(prefix: str, provider: str) -> str:
     """Redis key of a provider's disabled map."""
-    return f"{prefix}:{{{provider}}}:disabled"
+    return f"{_tag(prefix)}:p:{provider}:disabled"
+
+
+def clients_key(prefix: str, day: str) -> str:
+    """Redis key of the clients day map (every provider's calls of the day, per client)."""
+    return f"{_tag(prefix)}:clients:day:{day}"
+
+
+def task_key(prefix: str, task_id: str) -> str:
+    """Redis key remembering an asynchronous task."""
+    return f"{_tag(prefix)}:task:{task_id}"
+
+
+def fair_used_field(client: str) -> str:
+    return f"{FAIR_USED}{SEP}{client}"
+
+
+def client_used_field(client: str) -> str:
+    return f"{CLIENT_USED}{SEP}{client}"
+
+
+def client_free_used_field(client: str) -> str:
+    return f"{CLIENT_FREE_USED}{SEP}{client}"
+
+
+def client_seen_field(client: str) -> str:
+    return f"{CLIENT_SEEN}{SEP}{client}"
 
 
 def used_field(key: str) -> str:

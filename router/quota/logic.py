@@ -1,4 +1,4 @@
-"""The quota decisions on one provider's day map, in pure Python (no I/O).
+"""The quota decisions on a provider's day map and the clients day map, in pure Python (no I/O).
 
 The memory and SQLite stores run these functions inside their own atomic sections;
 ``lua/reserve.lua`` and ``lua/settle.lua`` make the same decisions inside Redis.
@@ -7,18 +7,23 @@ Functions never mutate their inputs: they return the fields to write.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Literal
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, NamedTuple
 
 from router.quota import keys as k
 from router.quota.selection import KeyView, select_key
 from router.quota.types import (
+    ClientQuota,
+    ClientUsage,
     Cooldown,
+    FairShare,
     KeySpec,
     KeyState,
     KeyUsage,
     ModelUsage,
     NoCapacity,
+    Refusal,
     Reservation,
     ReserveRequest,
     Settlement,
@@ -29,6 +34,7 @@ REASON_UPSTREAM_ZERO = "upstream-remaining-0"  # the remaining header said 0
 REASON_429 = "429"  # upstream refused with a quota error
 REASON_LIMIT = "limit"  # the configured limit is used up (not stored; snapshot only)
 MAX_BACKOFF_EXPONENT = 60  # 2**60 ms outlasts any cap; keeps the Lua doubles finite
+DEFAULT_WEIGHT = 1.0  # fair-share weight of a client missing from FairShare.weights
 
 Fields = Mapping[str, str]
 Scope = Literal["key", "model"]
@@ -99,29 +105,151 @@ def key_view(fields: Fields, disabled: Fields, spec: KeySpec, model: str) -> Key
     )
 
 
+class Pool(NamedTuple):
+    limit: int  # sum of the daily limits of the keys that are not disabled
+    remaining: int  # their calls left today (0 for a spent or exhausted key)
+
+
+def pool_of(views: Sequence[KeyView]) -> Pool | None:
+    """A provider's pool today; None when a usable key has no cap (no fair share then)."""
+    limit = remaining = 0
+    for view in views:
+        if view.disabled:
+            continue
+        if view.limit is None:
+            return None
+        limit += view.limit
+        if not view.exhausted:
+            remaining += max(0, view.limit - view.used)
+    return Pool(limit, remaining)
+
+
+def _seen_within(clients: Fields, client: str, since_ms: int) -> bool:
+    seen = clients.get(k.client_seen_field(client))
+    return seen is not None and int(seen) >= since_ms
+
+
+def fair_share(clients: Fields, fair: FairShare, client: str, share_out: int, now_ms: int) -> int:
+    """``client``'s calls out of ``share_out``: its weight over those of the counted clients.
+
+    Counted: every client in the weights, or with an active window only those seen within
+    it; ``client`` itself always counts. Summed in the weights' order (reserve.lua too), so
+    the float arithmetic is the same on both sides.
+    """
+    window = fair.active_window_ms
+    own: float | None = None
+    total = 0.0
+    for name, weight in fair.weights:
+        w = float(weight)
+        if name == client:
+            if own is None:
+                own = w
+            total += w
+        elif window is None or _seen_within(clients, name, now_ms - window):
+            total += w
+    if own is None:
+        own = DEFAULT_WEIGHT
+        total += own
+    if total <= 0:
+        return 0
+    return math.floor(share_out * own / total)
+
+
+def _count(fields: Fields, field: str) -> int:
+    return int(fields.get(field, "0"))
+
+
+def _over_limit(clients: Fields, client: ClientQuota) -> bool:
+    limit = client.daily_limit
+    return limit is not None and _count(clients, k.client_used_field(client.name)) >= limit
+
+
 def reserve_on(
-    fields: Fields, disabled: Fields, req: ReserveRequest
-) -> tuple[Reservation | NoCapacity, dict[str, str]]:
-    """Pick a key for ``req`` and count one call on it; returns the outcome and fields to write."""
+    fields: Fields, disabled: Fields, clients: Fields, req: ReserveRequest
+) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str]]:
+    """Check the client, pick a key for ``req`` and count one call on both.
+
+    ``clients`` is the clients day map. Returns the outcome and the fields to write to the
+    provider's day map and to the clients day map.
+    """
+    client = req.client
+    if client is not None and _over_limit(clients, client):
+        refusal = NoCapacity(
+            req.provider, req.model, None, Refusal.CLIENT_LIMIT, client.daily_limit
+        )
+        return refusal, {}, {}
     views = [key_view(fields, disabled, spec, req.model) for spec in req.keys]
+    changed: dict[str, str] = {}
+    fair_counted = False
+    if client is not None and client.fair_share is not None:
+        fair = client.fair_share
+        share = _share_now(fields, clients, views, client.name, fair, req.now_ms, changed)
+        if share is not None and _count(fields, k.fair_used_field(client.name)) >= share:
+            refusal = NoCapacity(req.provider, req.model, None, Refusal.CLIENT_SHARE, share)
+            return refusal, changed, {}
+        fair_counted = share is not None
     cursor = int(fields.get(k.CURSOR_FIELD, "0"))
     picked = select_key(views, req.strategy, cursor, req.now_ms)
     if picked.chosen is None:
-        return NoCapacity(req.provider, req.model, picked.retry_at_ms), {}
+        return NoCapacity(req.provider, req.model, picked.retry_at_ms), changed, {}
     index = picked.chosen
     spec, view = req.keys[index], views[index]
-    changed = {
-        k.used_field(spec.name): str(view.used + 1),
-        k.model_used_field(spec.name, req.model): str(view.model_used + 1),
-    }
+    changed[k.used_field(spec.name)] = str(view.used + 1)
+    changed[k.model_used_field(spec.name, req.model)] = str(view.model_used + 1)
     if picked.cursor != cursor:
         changed[k.CURSOR_FIELD] = str(picked.cursor)
-    return reservation_for(req, index, view.used + 1, view.model_used + 1), changed
+    changed_clients: dict[str, str] = {}
+    if client is not None:
+        changed_clients = _count_client(clients, client, req.now_ms)
+        if fair_counted:
+            field = k.fair_used_field(client.name)
+            changed[field] = str(_count(fields, field) + 1)
+    reservation = reservation_for(req, index, view.used + 1, view.model_used + 1, fair_counted)
+    return reservation, changed, changed_clients
 
 
-def reservation_for(req: ReserveRequest, index: int, used: int, model_used: int) -> Reservation:
+def _share_now(
+    fields: Fields,
+    clients: Fields,
+    views: Sequence[KeyView],
+    client: str,
+    fair: FairShare,
+    now_ms: int,
+    changed: dict[str, str],
+) -> int | None:
+    """The client's share of the pool, or None while the pool is not shared out.
+
+    The share-out starts (in ``changed``) the first time the pool's remaining is below
+    ``fair.below`` of its limit, and keeps that remaining (``fs``) for the rest of the day.
+    """
+    pool = pool_of(views)
+    if pool is None:
+        return None
+    raw = fields.get(k.SHARE_OUT_FIELD)
+    share_out = None if raw is None else int(raw)
+    if share_out is None and pool.remaining < fair.below * pool.limit:
+        share_out = pool.remaining
+        changed[k.SHARE_OUT_FIELD] = str(share_out)
+    if share_out is None:
+        return None
+    return fair_share(clients, fair, client, share_out, now_ms)
+
+
+def _count_client(clients: Fields, client: ClientQuota, now_ms: int) -> dict[str, str]:
+    used = k.client_used_field(client.name)
+    changed = {used: str(_count(clients, used) + 1), k.client_seen_field(client.name): str(now_ms)}
+    if client.fair_share is not None:
+        free_used = k.client_free_used_field(client.name)
+        changed[free_used] = str(_count(clients, free_used) + 1)
+    return changed
+
+
+def reservation_for(
+    req: ReserveRequest, index: int, used: int, model_used: int, fair_counted: bool = False
+) -> Reservation:
     """The Reservation of ``req.keys[index]``, given its counts after this call."""
     spec = req.keys[index]
+    client = req.client
     return Reservation(
         provider=req.provider,
         key=spec.name,
@@ -133,6 +261,9 @@ def reservation_for(req: ReserveRequest, index: int, used: int, model_used: int)
         model_limit=spec.model_limit,
         remaining=None if spec.daily_limit is None else spec.daily_limit - used,
         model_remaining=None if spec.model_limit is None else spec.model_limit - model_used,
+        client=None if client is None else client.name,
+        fair_counted=fair_counted,
+        free=client is not None and client.fair_share is not None,
     )
 
 
@@ -141,9 +272,21 @@ def _worst(a: Scope | None, b: Scope | None) -> Scope | None:
     return "key" if "key" in (a, b) else a or b
 
 
-def _release(day: _Changes, res: Reservation) -> None:
-    for field in (k.used_field(res.key), k.model_used_field(res.key, res.model)):
-        day.set(field, max(day.count(field) - 1, 0))
+def _give_back(fields: _Changes, field: str) -> None:
+    fields.set(field, max(fields.count(field) - 1, 0))
+
+
+def _release(day: _Changes, clients: _Changes, res: Reservation) -> None:
+    """Give the call back to the key and to the client, never below zero."""
+    _give_back(day, k.used_field(res.key))
+    _give_back(day, k.model_used_field(res.key, res.model))
+    if res.client is None:
+        return
+    if res.fair_counted:
+        _give_back(day, k.fair_used_field(res.client))
+    _give_back(clients, k.client_used_field(res.client))
+    if res.free:
+        _give_back(clients, k.client_free_used_field(res.client))
 
 
 def _sync_header(
@@ -222,13 +365,29 @@ def _cool(day: _Changes, res: Reservation, cooldown: Cooldown, now_ms: int) -> i
     return until
 
 
+def disable_on(disabled: Fields, key: str, fingerprint: str, reason: str) -> tuple[bool, str]:
+    """(newly disabled, the record to store) for disabling ``key`` with this secret."""
+    newly = disabled_reason(disabled.get(key), fingerprint) is None
+    return newly, disabled_record(fingerprint, reason)
+
+
 def settle_on(
-    fields: Fields, disabled: Fields, res: Reservation, settlement: Settlement, now_ms: int
-) -> tuple[SettleResult, dict[str, str], dict[str, str]]:
-    """Apply an upstream answer; returns the result, day fields and disabled fields to write."""
+    fields: Fields,
+    disabled: Fields,
+    clients: Fields,
+    res: Reservation,
+    settlement: Settlement,
+    now_ms: int,
+) -> tuple[SettleResult, dict[str, str], dict[str, str], dict[str, str]]:
+    """Apply an upstream answer.
+
+    Returns the result and the fields to write to the day map, the disabled map and the
+    clients day map (``clients`` is that map as it is now).
+    """
     day = _Changes(fields)
+    client_map = _Changes(clients)
     if settlement.release:
-        _release(day, res)
+        _release(day, client_map, res)
     exhausted = _worst(_sync_headers(day, res, settlement), _exhaust(day, res, settlement))
     until = None
     if settlement.cooldown is not None:
@@ -236,15 +395,58 @@ def settle_on(
     changed_disabled: dict[str, str] = {}
     newly_disabled = False
     if settlement.disable_reason is not None:
-        was = disabled_reason(disabled.get(res.key), res.fingerprint)
-        newly_disabled = was is None
-        changed_disabled[res.key] = disabled_record(res.fingerprint, settlement.disable_reason)
+        newly_disabled, record = disable_on(
+            disabled, res.key, res.fingerprint, settlement.disable_reason
+        )
+        changed_disabled[res.key] = record
     result = SettleResult(
         exhausted=exhausted,
         cooldown_until_ms=until,
         newly_disabled=newly_disabled,
     )
-    return result, day.changed, changed_disabled
+    return result, day.changed, changed_disabled, client_map.changed
+
+
+def key_fields(fields: Iterable[str], key: str) -> list[str]:
+    """The day-map fields of ``key``: its counters, exhaustion, cooldowns (what reset_key drops)."""
+    found = []
+    for field in fields:
+        parsed = k.parse_field(field)
+        if parsed is not None and parsed.key == key:
+            found.append(field)
+    return found
+
+
+def client_usages(
+    clients: Fields,
+    providers: Mapping[str, Fields],
+    names: Sequence[str],
+    free: Mapping[str, FairShare],
+    now_ms: int,
+) -> list[ClientUsage]:
+    """Usage of each client in ``names`` from the clients day map and the free providers' maps.
+
+    ``providers[p]`` needs only ``fs`` and the clients' ``fu|`` fields of provider ``p``.
+    """
+    usages = []
+    for name in names:
+        shares = []
+        for provider, fair in free.items():
+            fields = providers.get(provider, {})
+            raw = fields.get(k.SHARE_OUT_FIELD)
+            if raw is None:
+                continue
+            share = fair_share(clients, fair, name, int(raw), now_ms)
+            shares.append((provider, share, _count(fields, k.fair_used_field(name))))
+        usages.append(
+            ClientUsage(
+                client=name,
+                used=_count(clients, k.client_used_field(name)),
+                free_used=_count(clients, k.client_free_used_field(name)),
+                shares=tuple(shares),
+            )
+        )
+    return usages
 
 
 def _key_state(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from router.quota import logic
+from router.quota.days import wall_clock_ms
 from router.quota.types import (
+    ClientUsage,
+    FairShare,
     KeySpec,
     KeyUsage,
     NoCapacity,
@@ -15,6 +18,8 @@ from router.quota.types import (
     Settlement,
     SettleResult,
 )
+
+CLIENTS = ""  # the clients day map's place among the provider maps (no provider is named "")
 
 
 def _previous_day(day: str) -> str | None:
@@ -26,11 +31,18 @@ def _previous_day(day: str) -> str | None:
 
 
 class MemoryStore:
-    """Day maps and disabled maps in dicts; each call runs without awaiting, so it is atomic."""
+    """Day maps and disabled maps in dicts; each call runs without awaiting, so it is atomic.
 
-    def __init__(self) -> None:
+    ``clock`` (Unix ms) decides when a remembered task expires and is the default ``now``
+    of client_usage.
+    """
+
+    def __init__(self, *, clock: Callable[[], int] = wall_clock_ms) -> None:
+        # (provider, day) -> day map; (CLIENTS, day) -> the clients day map
         self._days: dict[tuple[str, str], dict[str, str]] = {}
         self._disabled: dict[str, dict[str, str]] = {}
+        self._tasks: dict[str, tuple[str, int]] = {}  # task id -> (value, expires at ms)
+        self._clock = clock
 
     def __repr__(self) -> str:
         return f"MemoryStore(days={len(self._days)})"
@@ -54,17 +66,27 @@ class MemoryStore:
             del self._days[stale]
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        fields = self._fields(req.provider, req.day)
-        outcome, changed = logic.reserve_on(fields, self._disabled.get(req.provider, {}), req)
+        outcome, changed, changed_clients = logic.reserve_on(
+            self._fields(req.provider, req.day),
+            self._disabled.get(req.provider, {}),
+            self._fields(CLIENTS, req.day),
+            req,
+        )
         self._write(req.provider, req.day, changed)
+        self._write(CLIENTS, req.day, changed_clients)
         return outcome
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        disabled = self._disabled.get(res.provider, {})
-        result, changed, changed_disabled = logic.settle_on(
-            self._fields(res.provider, res.day), disabled, res, settlement, now_ms
+        result, changed, changed_disabled, changed_clients = logic.settle_on(
+            self._fields(res.provider, res.day),
+            self._disabled.get(res.provider, {}),
+            self._fields(CLIENTS, res.day),
+            res,
+            settlement,
+            now_ms,
         )
         self._write(res.provider, res.day, changed)
+        self._write(CLIENTS, res.day, changed_clients)
         if changed_disabled:
             self._disabled.setdefault(res.provider, {}).update(changed_disabled)
         return result
@@ -88,6 +110,41 @@ class MemoryStore:
 
     async def enable(self, provider: str, key: str) -> None:
         self._disabled.get(provider, {}).pop(key, None)
+
+    async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
+        disabled = self._disabled.setdefault(provider, {})
+        newly, record = logic.disable_on(disabled, key, fingerprint, reason)
+        disabled[key] = record
+        return newly
+
+    async def reset_key(self, provider: str, key: str, day: str) -> None:
+        fields = self._days.get((provider, day), {})
+        for field in logic.key_fields(list(fields), key):
+            del fields[field]
+
+    async def client_usage(
+        self,
+        day: str,
+        clients: Sequence[str],
+        free: Mapping[str, FairShare] | None = None,
+        now_ms: int | None = None,
+    ) -> list[ClientUsage]:
+        free = free or {}
+        providers = {provider: self._fields(provider, day) for provider in free}
+        now = self._clock() if now_ms is None else now_ms
+        return logic.client_usages(self._fields(CLIENTS, day), providers, clients, free, now)
+
+    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, not {ttl_ms}")
+        now = self._clock()
+        for stale in [t for t, (_, expires) in self._tasks.items() if expires <= now]:
+            del self._tasks[stale]
+        self._tasks[task_id] = (value, now + ttl_ms)
+
+    async def recall_task(self, task_id: str) -> str | None:
+        value, expires = self._tasks.get(task_id, (None, 0))
+        return value if expires > self._clock() else None
 
     async def ping(self) -> None:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any, TypeVar
@@ -15,11 +15,15 @@ from redis.exceptions import RedisError
 
 from router.quota import keys as k
 from router.quota import logic
+from router.quota.days import wall_clock_ms
 from router.quota.store import StoreError
 from router.quota.types import (
+    ClientUsage,
+    FairShare,
     KeySpec,
     KeyUsage,
     NoCapacity,
+    Refusal,
     Reservation,
     ReserveRequest,
     Settlement,
@@ -76,7 +80,32 @@ def _reserve_args(req: ReserveRequest) -> list[str | int]:
     ]
     for spec in req.keys:
         args += [spec.name, spec.fingerprint, _cap(spec.daily_limit), _cap(spec.model_limit)]
+    client = req.client
+    if client is None:
+        return [*args, "", -1, 0, 0, -1, 0]
+    fair = client.fair_share
+    if fair is None:
+        return [*args, client.name, _cap(client.daily_limit), 0, 0, -1, 0]
+    # repr() of a float is the shortest text that parses back to the same double in Lua.
+    args += [client.name, _cap(client.daily_limit), 1, repr(float(fair.below))]
+    args += [_cap(fair.active_window_ms), len(fair.weights)]
+    for name, weight in fair.weights:
+        args += [name, repr(float(weight))]
     return args
+
+
+def _reserve_outcome(req: ReserveRequest, reply: Sequence[Any]) -> Reservation | NoCapacity:
+    if int(reply[0]) == 1:
+        index, used, model_used = int(reply[1]), int(reply[2]), int(reply[3])
+        return logic.reservation_for(req, index, used, model_used, int(reply[4]) == 1)
+    retry_at, limit = int(reply[2]), int(reply[3])
+    return NoCapacity(
+        req.provider,
+        req.model,
+        None if retry_at < 0 else retry_at,
+        Refusal(_text(reply[1])),
+        None if limit < 0 else limit,
+    )
 
 
 def _settle_args(res: Reservation, s: Settlement, now_ms: int) -> list[str | int]:
@@ -100,6 +129,9 @@ def _settle_args(res: Reservation, s: Settlement, now_ms: int) -> list[str | int
         int(cooldown is not None and cooldown.fixed),
         int(s.disable_reason is not None),
         s.disable_reason or "",
+        res.client or "",
+        int(res.free),
+        int(res.fair_counted),
     ]
 
 
@@ -113,11 +145,12 @@ def _settle_result(reply: Sequence[Any]) -> SettleResult:
 
 
 class RedisStore:
-    """Day and disabled maps as Redis hashes, hash-tagged per provider (cluster-safe).
+    """Day, disabled and clients maps as Redis hashes, all under one hash tag (see keys.py).
 
     Given a URL the store owns its client and closes it. That client does not retry: a
     script whose reply was lost may already have run, and running a settle twice would
     release a call twice. A client passed in is used as configured and left open.
+    ``clock`` (Unix ms) is only the default ``now`` of client_usage: Redis expires tasks.
     """
 
     def __init__(
@@ -127,7 +160,9 @@ class RedisStore:
         prefix: str = k.DEFAULT_PREFIX,
         socket_timeout: float = 5.0,
         max_connections: int = 64,
+        clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
+        self._clock = clock
         if isinstance(redis, str):
             self._where = masked_url(redis)
             # A blocking pool: a burst beyond max_connections waits for a free connection
@@ -151,6 +186,7 @@ class RedisStore:
         # register_script: EVALSHA, and SCRIPT LOAD + retry only after a NOSCRIPT.
         self._reserve_script = self._client.register_script(_lua("reserve.lua"))
         self._settle_script = self._client.register_script(_lua("settle.lua"))
+        self._reset_key_script = self._client.register_script(_lua("reset_key.lua"))
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -159,6 +195,7 @@ class RedisStore:
         return [
             k.day_key(self._prefix, provider, day),
             k.disabled_key(self._prefix, provider),
+            k.clients_key(self._prefix, day),
         ]
 
     async def _io(self, call: Awaitable[T]) -> T:
@@ -172,10 +209,7 @@ class RedisStore:
         reply = await self._io(
             self._reserve_script(keys=self._keys(req.provider, req.day), args=_reserve_args(req))
         )
-        if int(reply[0]) == 1:
-            return logic.reservation_for(req, int(reply[1]), int(reply[2]), int(reply[3]))
-        retry_at = int(reply[1]) if len(reply) > 1 else None
-        return NoCapacity(req.provider, req.model, retry_at)
+        return _reserve_outcome(req, reply)
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
         reply = await self._io(
@@ -193,7 +227,7 @@ class RedisStore:
         now_ms: int,
         model_limits: Mapping[str, int] | None = None,
     ) -> list[KeyUsage]:
-        day_map, disabled_map = self._keys(provider, day)
+        day_map, disabled_map, _ = self._keys(provider, day)
         pipe = self._client.pipeline(transaction=True)  # one round trip, one consistent view
         pipe.hgetall(day_map)
         pipe.hgetall(disabled_map)
@@ -204,6 +238,50 @@ class RedisStore:
 
     async def enable(self, provider: str, key: str) -> None:
         await self._io(self._client.hdel(k.disabled_key(self._prefix, provider), key))
+
+    async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
+        disabled_map = k.disabled_key(self._prefix, provider)
+        pipe = self._client.pipeline(transaction=True)  # one round trip: read and write at once
+        pipe.hget(disabled_map, key)
+        pipe.hset(disabled_map, key, logic.disabled_record(fingerprint, reason))
+        before, _ = await self._io(pipe.execute())
+        was = {} if before is None else {key: _text(before)}
+        newly, _ = logic.disable_on(was, key, fingerprint, reason)
+        return newly
+
+    async def reset_key(self, provider: str, key: str, day: str) -> None:
+        day_map = k.day_key(self._prefix, provider, day)
+        await self._io(self._reset_key_script(keys=[day_map], args=[key]))
+
+    async def client_usage(
+        self,
+        day: str,
+        clients: Sequence[str],
+        free: Mapping[str, FairShare] | None = None,
+        now_ms: int | None = None,
+    ) -> list[ClientUsage]:
+        free = free or {}
+        now = self._clock() if now_ms is None else now_ms
+        wanted = [k.SHARE_OUT_FIELD, *(k.fair_used_field(client) for client in clients)]
+        pipe = self._client.pipeline(transaction=True)  # one round trip, one consistent view
+        pipe.hgetall(k.clients_key(self._prefix, day))
+        for provider in free:
+            pipe.hmget(k.day_key(self._prefix, provider, day), wanted)
+        client_map, *values = await self._io(pipe.execute())
+        providers = {
+            provider: {f: _text(v) for f, v in zip(wanted, got, strict=True) if v is not None}
+            for provider, got in zip(free, values, strict=True)
+        }
+        return logic.client_usages(_text_map(client_map), providers, clients, free, now)
+
+    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, not {ttl_ms}")
+        await self._io(self._client.set(k.task_key(self._prefix, task_id), value, px=ttl_ms))
+
+    async def recall_task(self, task_id: str) -> str | None:
+        value = await self._io(self._client.get(k.task_key(self._prefix, task_id)))
+        return None if value is None else _text(value)
 
     async def ping(self) -> None:
         await self._io(self._client.ping())

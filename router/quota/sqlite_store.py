@@ -12,9 +12,13 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
+from router.quota import keys as k
 from router.quota import logic
+from router.quota.days import wall_clock_ms
 from router.quota.store import StoreError
 from router.quota.types import (
+    ClientUsage,
+    FairShare,
     KeySpec,
     KeyUsage,
     NoCapacity,
@@ -40,6 +44,18 @@ CREATE TABLE IF NOT EXISTS quota_disabled (
     value TEXT NOT NULL,
     PRIMARY KEY (provider, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quota_client (
+    day TEXT NOT NULL,
+    field TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (day, field)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quota_task (
+    task_id TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quota_task_expiry ON quota_task (expires_ms);
 """
 
 _UPSERT_DAY = (
@@ -50,9 +66,17 @@ _UPSERT_DISABLED = (
     "INSERT INTO quota_disabled (provider, key, value) VALUES (?, ?, ?) "
     "ON CONFLICT (provider, key) DO UPDATE SET value = excluded.value"
 )
+_UPSERT_CLIENT = (
+    "INSERT INTO quota_client (day, field, value) VALUES (?, ?, ?) "
+    "ON CONFLICT (day, field) DO UPDATE SET value = excluded.value"
+)
+_UPSERT_TASK = (
+    "INSERT INTO quota_task (task_id, value, expires_ms) VALUES (?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET value = excluded.value, expires_ms = excluded.expires_ms"
+)
 
 
-def _connect(path: str, busy_timeout_ms: int, retain_days: int) -> sqlite3.Connection:
+def _connect(path: str, busy_timeout_ms: int, retain_days: int, now_ms: int) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves. Opened on the worker
     # thread that will use it, so the default same-thread check guards the design.
     conn = sqlite3.connect(path, isolation_level=None)
@@ -65,6 +89,8 @@ def _connect(path: str, busy_timeout_ms: int, retain_days: int) -> sqlite3.Conne
         cutoff = (datetime.now(UTC) - timedelta(days=retain_days)).strftime("%Y%m%d")
         with _immediate(conn):
             conn.execute("DELETE FROM quota_day WHERE day < ?", (cutoff,))
+            conn.execute("DELETE FROM quota_client WHERE day < ?", (cutoff,))
+            conn.execute("DELETE FROM quota_task WHERE expires_ms <= ?", (now_ms,))
     except BaseException:
         conn.close()
         raise
@@ -94,22 +120,30 @@ def _load(
     return fields, dict(rows.fetchall())
 
 
+def _load_clients(conn: sqlite3.Connection, day: str) -> dict[str, str]:
+    rows = conn.execute("SELECT field, value FROM quota_client WHERE day = ?", (day,))
+    return dict(rows.fetchall())
+
+
 def _write(
     conn: sqlite3.Connection,
     provider: str,
     day: str,
     changed: Mapping[str, str],
     changed_disabled: Mapping[str, str],
+    changed_clients: Mapping[str, str],
 ) -> None:
     conn.executemany(_UPSERT_DAY, [(provider, day, f, v) for f, v in changed.items()])
     conn.executemany(_UPSERT_DISABLED, [(provider, k, v) for k, v in changed_disabled.items()])
+    conn.executemany(_UPSERT_CLIENT, [(day, f, v) for f, v in changed_clients.items()])
 
 
 def _reserve(conn: sqlite3.Connection, req: ReserveRequest) -> Reservation | NoCapacity:
     with _immediate(conn):
         fields, disabled = _load(conn, req.provider, req.day)
-        outcome, changed = logic.reserve_on(fields, disabled, req)
-        _write(conn, req.provider, req.day, changed, {})
+        clients = {} if req.client is None else _load_clients(conn, req.day)
+        outcome, changed, changed_clients = logic.reserve_on(fields, disabled, clients, req)
+        _write(conn, req.provider, req.day, changed, {}, changed_clients)
     return outcome
 
 
@@ -118,10 +152,11 @@ def _settle(
 ) -> SettleResult:
     with _immediate(conn):
         fields, disabled = _load(conn, res.provider, res.day)
-        result, changed, changed_disabled = logic.settle_on(
-            fields, disabled, res, settlement, now_ms
+        clients = {} if res.client is None else _load_clients(conn, res.day)
+        result, changed, changed_disabled, changed_clients = logic.settle_on(
+            fields, disabled, clients, res, settlement, now_ms
         )
-        _write(conn, res.provider, res.day, changed, changed_disabled)
+        _write(conn, res.provider, res.day, changed, changed_disabled, changed_clients)
     return result
 
 
@@ -139,6 +174,60 @@ def _enable(conn: sqlite3.Connection, provider: str, key: str) -> None:
     conn.execute("DELETE FROM quota_disabled WHERE provider = ? AND key = ?", (provider, key))
 
 
+def _disable(conn: sqlite3.Connection, provider: str, key: str, fp: str, reason: str) -> bool:
+    with _immediate(conn):
+        row = conn.execute(
+            "SELECT value FROM quota_disabled WHERE provider = ? AND key = ?", (provider, key)
+        ).fetchone()
+        newly, record = logic.disable_on({} if row is None else {key: row[0]}, key, fp, reason)
+        conn.execute(_UPSERT_DISABLED, (provider, key, record))
+    return newly
+
+
+def _reset_key(conn: sqlite3.Connection, provider: str, key: str, day: str) -> None:
+    with _immediate(conn):
+        rows = conn.execute(
+            "SELECT field FROM quota_day WHERE provider = ? AND day = ?", (provider, day)
+        )
+        fields = logic.key_fields((field for (field,) in rows.fetchall()), key)
+        conn.executemany(
+            "DELETE FROM quota_day WHERE provider = ? AND day = ? AND field = ?",
+            [(provider, day, field) for field in fields],
+        )
+
+
+def _read_clients(
+    conn: sqlite3.Connection, day: str, providers: Sequence[str]
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """The clients day map and the fair-share fields (fs, fu|) of each provider's day map."""
+    conn.execute("BEGIN")  # one read snapshot
+    try:
+        shares = {}
+        for provider in providers:
+            rows = conn.execute(
+                "SELECT field, value FROM quota_day WHERE provider = ? AND day = ? "
+                "AND (field = ? OR substr(field, 1, ?) = ?)",
+                (provider, day, k.SHARE_OUT_FIELD, len(k.FAIR_USED) + 1, k.FAIR_USED + k.SEP),
+            )
+            shares[provider] = dict(rows.fetchall())
+        return _load_clients(conn, day), shares
+    finally:
+        conn.execute("COMMIT")
+
+
+def _remember(conn: sqlite3.Connection, task_id: str, value: str, now_ms: int, ttl_ms: int) -> None:
+    with _immediate(conn):
+        conn.execute("DELETE FROM quota_task WHERE expires_ms <= ?", (now_ms,))
+        conn.execute(_UPSERT_TASK, (task_id, value, now_ms + ttl_ms))
+
+
+def _recall(conn: sqlite3.Connection, task_id: str, now_ms: int) -> str | None:
+    row = conn.execute(
+        "SELECT value FROM quota_task WHERE task_id = ? AND expires_ms > ?", (task_id, now_ms)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 class SqliteStore:
     """Each reserve/settle is one BEGIN IMMEDIATE transaction over the provider's day rows.
 
@@ -147,6 +236,9 @@ class SqliteStore:
     holding the file, and that wait must not stall every other request. One thread also
     serialises this process's transactions without a lock. A cancelled caller does not cancel
     its transaction: the call may still be counted (never the other way round).
+
+    ``clock`` (Unix ms) decides when a remembered task expires and is the default ``now``
+    of client_usage.
     """
 
     def __init__(
@@ -155,12 +247,14 @@ class SqliteStore:
         *,
         busy_timeout_ms: int = 5000,
         retain_days: int = 3,
+        clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._path = os.fspath(path)
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quota-sqlite")
         try:
             self._conn = self._executor.submit(
-                _connect, self._path, busy_timeout_ms, retain_days
+                _connect, self._path, busy_timeout_ms, retain_days, clock()
             ).result()
         except sqlite3.Error as exc:
             self._executor.shutdown(wait=False)
@@ -197,6 +291,32 @@ class SqliteStore:
 
     async def enable(self, provider: str, key: str) -> None:
         await self._run(partial(_enable, self._conn, provider, key))
+
+    async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
+        return await self._run(partial(_disable, self._conn, provider, key, fingerprint, reason))
+
+    async def reset_key(self, provider: str, key: str, day: str) -> None:
+        await self._run(partial(_reset_key, self._conn, provider, key, day))
+
+    async def client_usage(
+        self,
+        day: str,
+        clients: Sequence[str],
+        free: Mapping[str, FairShare] | None = None,
+        now_ms: int | None = None,
+    ) -> list[ClientUsage]:
+        free = free or {}
+        now = self._clock() if now_ms is None else now_ms
+        client_map, providers = await self._run(partial(_read_clients, self._conn, day, list(free)))
+        return logic.client_usages(client_map, providers, clients, free, now)
+
+    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, not {ttl_ms}")
+        await self._run(partial(_remember, self._conn, task_id, value, self._clock(), ttl_ms))
+
+    async def recall_task(self, task_id: str) -> str | None:
+        return await self._run(partial(_recall, self._conn, task_id, self._clock()))
 
     async def ping(self) -> None:
         await self._run(partial(self._conn.execute, "SELECT 1"))

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from router.quota.types import (
+    ClientUsage,
+    FairShare,
     KeySpec,
     KeyUsage,
     NoCapacity,
@@ -47,6 +49,35 @@ class QuotaStore(Protocol):
     async def enable(self, provider: str, key: str) -> None:
         """Forget that a key was disabled."""
         ...
+
+    async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
+        """Disable a key (for this secret); True when it was not disabled before."""
+        ...
+
+    async def reset_key(self, provider: str, key: str, day: str) -> None:
+        """Forget a key's counters, exhaustion and cooldowns of a day (e.g. after buying quota)."""
+        ...
+
+    async def client_usage(
+        self,
+        day: str,
+        clients: Sequence[str],
+        free: Mapping[str, FairShare] | None = None,
+        now_ms: int | None = None,
+    ) -> list[ClientUsage]:
+        """Per client usage of a quota day, in the given order.
+
+        ``free`` maps each free provider to its fair-share parameters: a client's ``shares``
+        hold those of them whose pool was shared out that day (in ``free``'s order), with
+        the share computed as reserve does at ``now_ms`` (default: the store's clock).
+        """
+        ...
+
+    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
+        """Remember which provider/key created an asynchronous task (image generation)."""
+        ...
+
+    async def recall_task(self, task_id: str) -> str | None: ...
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""

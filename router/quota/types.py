@@ -39,6 +39,24 @@ class KeySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FairShare:
+    """How a free provider's pool is shared once it runs low (see ClientQuota)."""
+
+    below: float  # share out once less than this fraction of the pool's limit remains
+    weights: tuple[tuple[str, float], ...]  # every configured client and its weight (share)
+    active_window_ms: int | None  # None: all clients count; else only those seen this recently
+
+
+@dataclass(frozen=True, slots=True)
+class ClientQuota:
+    """Who is asking, counted atomically with the key reservation."""
+
+    name: str
+    daily_limit: int | None  # calls per quota day on every provider together; None = no cap
+    fair_share: FairShare | None  # set only when reserving on a free (not paid) provider
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveRequest:
     provider: str
     model: str  # the upstream model name (what the provider counts), not the alias
@@ -47,6 +65,7 @@ class ReserveRequest:
     day: str  # quota day, "YYYYMMDD"
     now_ms: int
     day_end_ms: int  # the next reset (Unix ms): cooldowns never pass it, counters expire after it
+    client: ClientQuota | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,15 +82,34 @@ class Reservation:
     model_limit: int | None
     remaining: int | None  # calls left on the key after this one; None = no cap
     model_remaining: int | None  # calls left for (key, model) after this one; None = no cap
+    client: str | None = None  # the client counted with it (given back with it)
+    fair_counted: bool = False  # also counted against the client's fair share of this provider
+    free: bool = False  # reserved with client.fair_share set: also counted in the client's f|
+
+
+class Refusal(StrEnum):
+    KEYS = "keys"  # every key is spent, cooling or disabled
+    CLIENT_LIMIT = "client_limit"  # the client's own daily_limit is reached
+    CLIENT_SHARE = "client_share"  # the client used its fair share of this free pool
 
 
 @dataclass(frozen=True, slots=True)
 class NoCapacity:
-    """No key of the provider can serve the model now."""
+    """No key of the provider can serve the model now (or not for this client)."""
 
     provider: str
     model: str
     retry_at_ms: int | None  # end of the earliest cooldown; None = nothing before the next reset
+    reason: Refusal = Refusal.KEYS
+    client_limit: int | None = None  # CLIENT_LIMIT: the daily limit; CLIENT_SHARE: the share
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUsage:
+    client: str
+    used: int  # calls counted today on every provider
+    free_used: int  # of which on free providers
+    shares: tuple[tuple[str, int, int], ...]  # (provider, share, used since the share-out)
 
 
 @dataclass(frozen=True, slots=True)

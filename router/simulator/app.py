@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.simulator import sse
+from router.simulator import anthropic, sse
 from router.simulator.dialects import (
     BailianDialect,
     Dialect,
@@ -408,6 +408,18 @@ async def answer_image(call: Call) -> web.StreamResponse:
     return await send_json(call, {"task_id": task.task_id, "request_id": request_id()})
 
 
+async def answer_messages(call: Call) -> web.StreamResponse:
+    """ModelScope's Anthropic-compatible endpoint: the same quota, Anthropic's shapes."""
+    assert call.account is not None
+    assert call.model is not None
+    text = sse.reply_text(call.ctx.name, call.account.name, call.model)
+    prompt = sse.prompt_tokens(call.body)
+    if call.body.get("stream") is not True:
+        return await send_json(call, anthropic.message(call.model, text, prompt))
+    n = call.ctx.state.config.stream_chunks
+    return await send_events(call, anthropic.stream_events(call.model, text, prompt, n))
+
+
 # -- the pipeline -------------------------------------------------------------------------
 async def run_call(call: Call, checks: tuple[Check, ...], answer: Answer) -> web.StreamResponse:
     early = await apply_fault(call)
@@ -433,6 +445,10 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
 
 async def embeddings_handler(request: web.Request) -> web.StreamResponse:
     return await run_call(await begin_call(request), EMBEDDING_CHECKS, answer_embeddings)
+
+
+async def messages_handler(request: web.Request) -> web.StreamResponse:
+    return await run_call(await begin_call(request), CHAT_CHECKS, answer_messages)
 
 
 async def images_handler(request: web.Request) -> web.StreamResponse:
@@ -627,6 +643,7 @@ def create_modelscope_app(state: SimState, faults: Faults) -> web.Application:
     app.router.add_post(f"{MODELSCOPE_BASE}/chat/completions", chat_handler)
     app.router.add_post(f"{MODELSCOPE_BASE}/embeddings", embeddings_handler)
     app.router.add_post(f"{MODELSCOPE_BASE}/images/generations", images_handler)
+    app.router.add_post("/v1/messages", messages_handler)  # the Anthropic base is the root
     app.router.add_get(f"{MODELSCOPE_BASE}/tasks/{{task_id}}", task_handler)
     return app
 

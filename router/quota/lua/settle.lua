@@ -1,15 +1,16 @@
 -- Apply what upstream answered to a reserved key. Mirrors router/quota/logic.py (settle_on).
 --
--- KEYS[1] day map, KEYS[2] disabled map
+-- KEYS[1] day map, KEYS[2] disabled map, KEYS[3] clients day map (one hash tag: one slot)
 -- ARGV: 1 key, 2 model, 3 fingerprint, 4 day_end_ms, 5 daily_limit (-1 = no cap),
 --   6 model_limit (-1 = no cap), 7 now_ms, 8 release (0|1), 9 remaining ('' = none),
 --   10 model_remaining ('' = none), 11 exhaust ('' | key | model | ambiguous), 12 near_zero,
 --   13 cooldown scope ('' | key | model), 14 base_ms, 15 max_ms, 16 fixed (0|1),
---   17 disable (0|1), 18 disable reason
+--   17 disable (0|1), 18 disable reason, 19 client ('' = none), 20 free (0|1),
+--   21 fair_counted (0|1)
 -- Returns {newly_disabled (0|1), exhausted ('' | key | model)[, cooldown_until_ms]}.
 
 local MAX_BACKOFF_EXPONENT = 60 -- logic.MAX_BACKOFF_EXPONENT
-local day_map, disabled_map = KEYS[1], KEYS[2]
+local day_map, disabled_map, clients_map = KEYS[1], KEYS[2], KEYS[3]
 local key, model, fingerprint = ARGV[1], ARGV[2], ARGV[3]
 local day_end_ms = tonumber(ARGV[4])
 local now_ms = tonumber(ARGV[7])
@@ -29,11 +30,22 @@ local model_exhausted_f = 'x|' .. key .. '|' .. model
 
 local function fmt(n) return string.format('%d', n) end
 local function count(field) return tonumber(redis.call('HGET', day_map, field) or '0') end
+local function give_back(map, field)
+  local n = tonumber(redis.call('HGET', map, field) or '0')
+  redis.call('HSET', map, field, fmt(math.max(n - 1, 0)))
+end
 
--- 1. release: give the call back, never below zero
+-- 1. release: give the call back to the key and to the client, never below zero
+local client = ARGV[19]
 if ARGV[8] == '1' then
-  redis.call('HSET', day_map, used_f, fmt(math.max(count(used_f) - 1, 0)))
-  redis.call('HSET', day_map, model_used_f, fmt(math.max(count(model_used_f) - 1, 0)))
+  give_back(day_map, used_f)
+  give_back(day_map, model_used_f)
+  if client ~= '' then
+    if ARGV[21] == '1' then give_back(day_map, 'fu|' .. client) end
+    give_back(clients_map, 't|' .. client)
+    if ARGV[20] == '1' then give_back(clients_map, 'f|' .. client) end
+    redis.call('PEXPIREAT', clients_map, fmt(day_end_ms + 86400000))
+  end
 end
 
 -- 2. header sync: trust upstream's remaining over our count
