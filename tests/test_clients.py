@@ -96,3 +96,26 @@ async def test_client_daily_limit_names_its_own_limit(sim: Simulator, clock: Fak
         clock.now = clock.now.replace(hour=16, minute=0)  # 00:00 in Shanghai: a new day
         assert (await chat(url, ALICE_KEY))[0] == 200
     assert sim.state.stats()["calls"] == 4
+
+
+async def test_fair_share_keeps_a_part_of_the_free_pool_for_the_quiet_client(
+    clock: FakeClock,
+) -> None:
+    async with Simulator(sim_config(10, 0), clock=clock.seconds) as sim:
+        config = config_for(sim, limit=10, bailian_limit=0)
+        config["clients"] = [
+            {"name": "alice", "key": ALICE_KEY, "fallback": False},
+            {"name": "bob", "key": BOB_KEY, "fallback": False},
+        ]
+        async with gateway(config, clock) as url:
+            alice = [await chat(url, ALICE_KEY) for _ in range(30)]
+            bob = [await chat(url, BOB_KEY) for _ in range(6)]
+    # 30 calls in the pool; below 30% (8 left) the rest is split 4 + 4
+    assert [status for status, _, _ in alice].count(200) == 22 + 4
+    refused = alice[26][1]["error"]
+    assert refused["code"] == "client_fair_share"
+    assert "alice" in refused["message"]
+    assert "share of 4 calls" in refused["message"]
+    assert [status for status, _, _ in bob] == [200] * 4 + [429] * 2
+    assert bob[4][1]["error"]["code"] == "pool_exhausted"
+    assert sim.state.stats("modelscope")["rejected"].get("429", 0) == 0

@@ -55,6 +55,10 @@ def share_refusal(share: int) -> NoCapacity:
     return NoCapacity(PROVIDER, MODEL, None, Refusal.CLIENT_SHARE, share)
 
 
+# Once the pool itself is spent, that is what a refusal says, whatever the client's share.
+SPENT = NoCapacity(PROVIDER, MODEL, None, Refusal.KEYS)
+
+
 async def pool_used(store: QuotaStore) -> int:
     return sum(u.used for u in await store.snapshot(PROVIDER, KEYS, DAY, NOW))
 
@@ -66,7 +70,7 @@ async def test_equal_weights_split_what_is_left(store: QuotaStore) -> None:
     assert refusal == share_refusal(4)
     got_b, refusal_b = await hammer(store, req("b"))
     assert [r.fair_counted for r in got_b] == [True] * 4
-    assert refusal_b == share_refusal(4)
+    assert refusal_b == SPENT
     assert await pool_used(store) == 30
     usage = await store.client_usage(DAY, ["a", "b"], {PROVIDER: EQUAL}, NOW)
     assert usage == [
@@ -95,7 +99,7 @@ async def test_weights_3_to_1(store: QuotaStore) -> None:
     got, refusal = await hammer(store, req("a", fair))
     assert (sum(r.fair_counted for r in got), refusal) == (6, share_refusal(6))  # 8 * 3/4
     got_b, refusal_b = await hammer(store, req("b", fair))
-    assert (len(got_b), refusal_b) == (2, share_refusal(2))  # 8 * 1/4
+    assert (len(got_b), refusal_b) == (2, SPENT)  # 8 * 1/4, the last of the pool
     assert await pool_used(store) == 30
 
 
@@ -104,7 +108,7 @@ async def test_active_mode_counts_only_clients_seen_recently(store: QuotaStore) 
     # b was last seen 10 minutes ago: the share-out counts a alone, who gets all that is left.
     await store.reserve(req("b", active, now=NOW - 600_000))
     got, refusal = await hammer(store, req("a", active))
-    assert (len(got), sum(r.fair_counted for r in got), refusal) == (29, 8, share_refusal(8))
+    assert (len(got), sum(r.fair_counted for r in got), refusal) == (29, 8, SPENT)
     usage = await store.client_usage(DAY, ["a", "b"], {PROVIDER: active}, NOW)
     assert [u.shares for u in usage] == [((PROVIDER, 8, 8),), ((PROVIDER, 4, 0),)]
 
@@ -117,7 +121,7 @@ async def test_active_mode_counts_a_client_seen_within_the_window(store: QuotaSt
     # Once b's last call is older than the window, a is alone again.
     later = NOW + 30_001
     more, refusal = await hammer(store, req("a", active, now=later))
-    assert (len(more), refusal) == (4, share_refusal(8))
+    assert (len(more), refusal) == (4, SPENT)
 
 
 async def test_a_paid_provider_is_never_capped_by_a_share(store: QuotaStore) -> None:

@@ -181,17 +181,20 @@ def reserve_on(
     views = [key_view(fields, disabled, spec, req.model) for spec in req.keys]
     changed: dict[str, str] = {}
     fair_counted = False
+    over_share: int | None = None
     if client is not None and client.fair_share is not None:
         fair = client.fair_share
         share = _share_now(fields, clients, views, client.name, fair, req.now_ms, changed)
         if share is not None and _count(fields, k.fair_used_field(client.name)) >= share:
-            refusal = NoCapacity(req.provider, req.model, None, Refusal.CLIENT_SHARE, share)
-            return refusal, changed, {}
+            over_share = share
         fair_counted = share is not None
     cursor = int(fields.get(k.CURSOR_FIELD, "0"))
     picked = select_key(views, req.strategy, cursor, req.now_ms)
-    if picked.chosen is None:
+    if picked.chosen is None:  # a spent pool says so before a client's share does
         return NoCapacity(req.provider, req.model, picked.retry_at_ms), changed, {}
+    if over_share is not None:
+        refusal = NoCapacity(req.provider, req.model, None, Refusal.CLIENT_SHARE, over_share)
+        return refusal, changed, {}
     index = picked.chosen
     spec, view = req.keys[index], views[index]
     changed[k.used_field(spec.name)] = str(view.used + 1)

@@ -116,8 +116,9 @@ local function fair_share(share_out)
   return math.floor(share_out * own / total)
 end
 
--- (b) the fair share of a free pool that runs low
+-- (b) the fair share of a free pool that runs low (refused after (c): a spent pool says so first)
 local fair_counted = 0
+local over_share = nil
 if fair then
   local limit, left = pool()
   if limit ~= nil then
@@ -132,7 +133,7 @@ if fair then
     if share_out ~= nil then
       local share = fair_share(share_out)
       if count(day_map, 'fu|' .. client) >= share then
-        return {0, 'client_share', -1, share}
+        over_share = share
       end
       fair_counted = 1
     end
@@ -184,6 +185,9 @@ end
 
 if best == nil then
   return {0, 'keys', retry_at or -1, -1}
+end
+if over_share ~= nil then
+  return {0, 'client_share', -1, over_share}
 end
 
 -- (d) count the call on the key and on the client
