@@ -17,16 +17,16 @@ demo: install
 	$(BIN)/modelscope-router demo
 
 lint: install
-	$(BIN)/ruff format --check router tests bench
-	$(BIN)/ruff check router tests bench
+	$(BIN)/ruff format --check router tests bench dashboards
+	$(BIN)/ruff check router tests bench dashboards
 	$(BIN)/mypy router
 
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 format: install
-	$(BIN)/ruff format router tests bench
-	$(BIN)/ruff check --fix router tests bench
+	$(BIN)/ruff format router tests bench dashboards
+	$(BIN)/ruff check --fix router tests bench dashboards
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
