@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -18,13 +19,16 @@ from router.admin import add_admin_routes
 from router.auth import presented_key
 from router.config import ConfigError, Settings, load_settings
 from router.errors import (
+    BadRequest,
     BodyTooLarge,
     MethodNotAllowed,
     NotFound,
     RouterError,
+    ShuttingDown,
     StoreUnavailable,
     Unauthorized,
 )
+from router.logs import quiet_parser_errors
 from router.metrics import Metrics
 from router.quota.days import utc_now
 from router.quota.factory import open_store
@@ -58,6 +62,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return MethodNotAllowed(f"{request.method} is not allowed on {request.path}.").to_response()
     except web.HTTPException:
         raise
+    except ConnectionResetError:  # the client left mid-body (an admin POST): not our fault
+        return BadRequest(
+            "The connection closed before the whole request body arrived.",
+            code="incomplete_body",
+        ).to_response()
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return RouterError("Internal error in the gateway.").to_response()
@@ -67,7 +76,18 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class Lifecycle:
+    """Set when the process is stopping: not ready, and new requests are refused."""
+
+    draining = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return ShuttingDown("The gateway is shutting down.").to_response()
     try:
         await request.app[STORE].ping()
     except StoreError:
@@ -81,7 +101,13 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     token = runtime.settings.metrics.token
     if token is not None:
         presented = presented_key(request.headers) or ""
-        if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+        # Compared as SHA-256 digests, like client and admin keys: equal lengths, so timing
+        # says nothing about the token's length; surrogateescape because a header with
+        # invalid UTF-8 made .encode() raise and /metrics answer 500 (tests/test_fuzz.py).
+        if not hmac.compare_digest(
+            hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(),
+            hashlib.sha256(token.get_secret_value().encode()).digest(),
+        ):
             raise Unauthorized(
                 "The metrics endpoint needs its token.", code="invalid_metrics_token"
             )
@@ -95,6 +121,8 @@ def proxied(name: str) -> Handler:
     """A handler of the current runtime's Proxy; the request keeps that runtime to its end."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if request.app[LIFECYCLE].draining:
+            raise ShuttingDown("The gateway is shutting down; retry on another replica.")
         runtime = request.app[LIVE].runtime
         runtime.enter()
         try:
@@ -171,10 +199,12 @@ def create_app(
     config_path: Path | None = None,
 ) -> web.Application:
     """Build the gateway. ``store`` and ``clock`` are injectable for tests."""
+    quiet_parser_errors()  # aiohttp would log a malformed request's raw header line (secrets)
     app = web.Application(
         middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
     )
     app[SETTINGS] = settings
+    app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(registry or CollectorRegistry())
     if config_path is not None:
         app[CONFIG_PATH] = config_path
@@ -183,7 +213,9 @@ def create_app(
         app[STORE] = (
             store
             if store is not None
-            else open_store(settings.store.url, prefix=settings.store.prefix)
+            else open_store(
+                settings.store.url, prefix=settings.store.prefix, on_error=settings.store.on_error
+            )
         )
         yield
         if store is None:

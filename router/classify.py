@@ -138,6 +138,7 @@ class Signals:
     remaining: int | None
     model_remaining: int | None
     well_formed_200: bool  # only meaningful for status 200
+    foreign_body: bool = False  # an error body that is neither empty nor a JSON object
 
 
 Predicate = Callable[[Signals], bool]
@@ -256,9 +257,18 @@ RULES: Final[tuple[Rule, ...]] = (
         _O.KEY_REJECTED,
         _all(_status(401), _text(r"bind\s+your\s+alibaba\s+cloud\s+account")),
     ),
+    Rule("ms_real_name_required", _O.KEY_REJECTED, _all(_status(403), _text(r"real[\s_-]*name"))),
+    # A 401/403 that is not the API's JSON (an HTML page of a WAF or CDN, a proxy's text) is
+    # a block in front of the API, not a verdict on the key: disabling would take every key
+    # out one by one. A short cooldown, and the provider breaker (router.breaker) if it
+    # repeats on several keys.
+    Rule(
+        "forbidden_not_json",
+        _O.UPSTREAM_FAILURE,
+        _all(_status(401, 403), lambda s: s.foreign_body),
+    ),
     Rule("invalid_api_key", _O.KEY_REJECTED, _all(_status(401), _code("invalid_api_key"))),
     Rule("unauthorized", _O.KEY_REJECTED, _status(401)),
-    Rule("ms_real_name_required", _O.KEY_REJECTED, _all(_status(403), _text(r"real[\s_-]*name"))),
     # AccessDenied.Unpurchased is "model not enabled for this account": the gateway spec
     # disables the key for every 403 AccessDenied*.
     Rule("access_denied", _O.KEY_REJECTED, _all(_status(403), _code_prefix("AccessDenied"))),
@@ -417,15 +427,21 @@ def _first_message(obj: dict[str, Any]) -> str | None:
 
 def parse_error_body(body: bytes) -> tuple[str, frozenset[str]]:
     """(message, casefolded codes) of an error body; the raw text when it has no message."""
+    message, codes, _ = _parse_error_body(body)
+    return message, codes
+
+
+def _parse_error_body(body: bytes) -> tuple[str, frozenset[str], bool]:
+    """parse_error_body, and whether the body is foreign: neither empty nor a JSON object."""
     raw = body[:MAX_BODY_BYTES]
     data = _loads(raw)
     if not isinstance(data, dict):
-        return raw.decode("utf-8", errors="replace"), frozenset()
+        return raw.decode("utf-8", errors="replace"), frozenset(), bool(raw.strip())
     found = _error_object(data)
     message = _first_message(found)
     if message is None:
         message = raw.decode("utf-8", errors="replace")
-    return message, _codes(found, data)
+    return message, _codes(found, data), False
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,13 +479,16 @@ def _signals(
     provider: ProviderType, status: int, headers: Mapping[str, str], body: bytes, stream: bool
 ) -> Signals:
     remaining, model_remaining = read_ratelimit_headers(headers)
+    foreign = False
     if status == 200:
         message, codes = "", frozenset[str]()
         well_formed = _well_formed_200(headers, body, stream)
     else:
-        message, codes = parse_error_body(body)
+        message, codes, foreign = _parse_error_body(body)
         well_formed = False
-    return Signals(provider, status, codes, message, remaining, model_remaining, well_formed)
+    return Signals(
+        provider, status, codes, message, remaining, model_remaining, well_formed, foreign
+    )
 
 
 def match_rule(signals: Signals) -> Rule:

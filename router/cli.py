@@ -176,8 +176,7 @@ def _serve(path: str) -> int:
         return 1
     from router.serve import serve
 
-    serve(settings, Path(path))
-    return 0
+    return serve(settings, Path(path))
 
 
 def _simulate(args: argparse.Namespace) -> int:

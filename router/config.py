@@ -49,11 +49,23 @@ class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    workers: int = Field(1, ge=1, le=64)  # processes sharing the port (SO_REUSEPORT)
+    shutdown_grace_seconds: float = Field(30, ge=0)  # for requests in flight at SIGTERM
+    drain_seconds: float = Field(1, ge=0)  # at SIGTERM: not ready (503) this long, then close
 
 
 class StoreSettings(_Model):
     url: str = DEFAULT_STORE_URL
     prefix: str = Field("modelscope-router", pattern=NAME_PATTERN)
+    # What a Redis store does while Redis cannot be reached (other stores are local).
+    # fail_closed (default): every proxied request gets 503 store_unavailable until Redis is
+    # back. Exact daily quotas are the product's promise, and a replica that cannot reach the
+    # shared counts cannot know what the other replicas spent.
+    # fail_open: keep serving from a local allowance, at most what was left at the last
+    # answer divided by the live replicas, and write it back to Redis when it returns
+    # (router/quota/resilient_store.py). Availability first; exact only if every replica
+    # lost Redis at the same time.
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
 
 
 class QuotaSettings(_Model):
@@ -279,6 +291,15 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
+    def _workers_share_a_store(self) -> Self:
+        if self.server.workers > 1 and self.store.url.startswith("memory:"):
+            raise ValueError(
+                "server.workers: several workers need a shared store (sqlite or redis), "
+                "not memory://, or each would count its own quota"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cross_references(self) -> Self:
         _require_unique([p.name for p in self.providers], "provider name")
         _require_unique([m.id for m in self.models], "model id")
@@ -362,7 +383,8 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        # from None: PyYAML's own text quotes the offending line, which may hold a secret.
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -378,6 +400,17 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     except ValidationError as exc:
         raise ConfigError(f"{source}: invalid configuration\n{_describe(exc)}") from None
     return settings
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's snippet of the line: a line such as ``secret: ...``
+    with a typo put the secret in check-config's output, the admin reload answer and the log
+    (tests/test_canary.py)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)  # a ReaderError names a character code and a position, no content
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + "; ".join(part for part in (exc.context, exc.problem) if part)
 
 
 def _check_secret_file(key: KeyConfig, path: str) -> None:

@@ -9,6 +9,7 @@
     ├── MethodNotAllowed  405
     ├── PoolExhausted     429  rate_limit_error / insufficient_quota, with Retry-After
     ├── StoreUnavailable  503  service_unavailable
+    ├── UpstreamUnavailable 503  service_unavailable (provider breakers open), with Retry-After
     └── UpstreamError     502  upstream_error (every route failed transiently)
         └── UpstreamTimeout 504
 
@@ -114,9 +115,28 @@ class PoolExhausted(RouterError):
 
 
 class StoreUnavailable(RouterError):
+    """The quota store cannot be reached: always with a short Retry-After."""
+
     status = 503
     type = "service_unavailable"
     default_code = "store_unavailable"
+    retry_after_s: ClassVar[int] = 5
+
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(
+            message, code=code, headers={"Retry-After": str(self.retry_after_s), **(headers or {})}
+        )
+
+
+class ShuttingDown(RouterError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "shutting_down"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1", "Connection": "close"})
 
 
 class UpstreamError(RouterError):
@@ -128,6 +148,18 @@ class UpstreamError(RouterError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     default_code = "upstream_timeout"
+
+
+class UpstreamUnavailable(RouterError):
+    """Every route that could serve is behind an open provider breaker (router.breaker)."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_s)})
 
 
 def sse_error_event(message: str, code: str = "upstream_stream_broken") -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
@@ -21,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from router.auth import ClientAuth
+from router.breaker import Breakers, Open, Signature
 from router.catalog import Catalog
 from router.classify import (
     Action,
@@ -53,6 +55,7 @@ from router.errors import (
     StoreUnavailable,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnavailable,
     sse_error_event,
 )
 from router.metrics import Metrics
@@ -172,6 +175,7 @@ class _Progress:
     unavailable: int = 0
     last_failure: Verdict | None = None
     moving_from: tuple[str, str] | None = None  # (provider, reason) of the last failover
+    broken: Open | None = None  # the soonest-closing failure breaker that skipped a route
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -204,6 +208,7 @@ class Proxy:
         self._passthrough = frozenset(path for p in settings.providers for path in p.passthrough)
         self._tz = settings.quota.tz
         self._reset = settings.quota.reset_time
+        self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -249,9 +254,10 @@ class Proxy:
             for name in ("X-ModelScope-Task-Type",)
             if name in request.headers
         }
+        secret = self.pool.secret(provider_name, key)
         try:
             status, content_type, body = await self.upstreams.get(
-                provider, f"tasks/{task_id}", self.pool.secret(provider_name, key), headers
+                provider, f"tasks/{task_id}", secret, headers
             )
         except TransportError as exc:
             raise UpstreamError(
@@ -259,7 +265,7 @@ class Proxy:
             ) from None
         return web.Response(
             status=status,
-            body=body,
+            body=_without_secret(body, secret),
             headers={"Content-Type": content_type or "application/json", "x-router-key": key},
         )
 
@@ -333,6 +339,14 @@ class Proxy:
         except web.HTTPRequestEntityTooLarge:
             limit = self.settings.server.max_body_bytes
             raise BodyTooLarge(f"The request body is larger than {limit} bytes.") from None
+        except ConnectionResetError:
+            # The client closed before its whole body arrived (a Content-Length larger than
+            # what it sent). Not a gateway fault: it was logged as an unexpected error with a
+            # traceback and counted as a 500 (found by tests/test_fuzz.py).
+            raise BadRequest(
+                "The connection closed before the whole request body arrived.",
+                code="incomplete_body",
+            ) from None
 
     def _model_label(self, model: str) -> str:
         # Bounded label set: a client sending random names cannot blow up the series count.
@@ -392,6 +406,8 @@ class Proxy:
         for _ in range(len(specs) + self.settings.retry.max_attempts + 1):
             if self._out_of_attempts(progress):
                 return None
+            if self._breaker_open(route, progress):
+                return None
             reservation = await self._reserve(route, specs, call.trace.client)
             if isinstance(reservation, NoCapacity):
                 if reservation.reason is Refusal.CLIENT_LIMIT:
@@ -401,6 +417,7 @@ class Proxy:
             self._count_failover(progress, route)
             verdict, reply = await self._attempt(call, route, reservation, progress)
             await self._settle(reservation, verdict)
+            self._tell_breaker(route, reservation.key, verdict, len(specs))
             action = verdict.action
             if action is Action.RETURN:
                 assert reply is not None
@@ -420,6 +437,34 @@ class Proxy:
             if action is Action.RETRY:
                 progress.failures += 1
         return None
+
+    def _breaker_open(self, route: Route, progress: _Progress) -> bool:
+        """Skip a provider behind an open breaker, as if its keys were cooling (untouched)."""
+        opened = self.breakers.blocking(route.provider.name, route.model)
+        if opened is None:
+            return False
+        if progress.moving_from is None:  # else the failure that opened it is the reason
+            progress.moving_from = (route.provider.name, "breaker_open")
+        if opened.signature is Signature.THROTTLE:
+            progress.blocked.append(
+                NoCapacity(route.provider.name, route.model, retry_at_ms=int(opened.until * 1000))
+            )
+        elif progress.broken is None or opened.until < progress.broken.until:
+            progress.broken = opened
+        return True
+
+    def _tell_breaker(self, route: Route, key: str, verdict: Verdict, keys: int) -> None:
+        opened = self.breakers.record(route.provider.name, route.model, key, verdict.outcome, keys)
+        if opened is not None:
+            log.warning(
+                "provider breaker open: %s%s skipped for %.0f s after %s on %s (trip %d)",
+                opened.provider,
+                "" if opened.model is None else f" for {opened.model}",
+                opened.until - self.clock().timestamp(),
+                opened.signature.value,
+                ", ".join(opened.keys) if opened.keys else "a half-open try",
+                opened.trips,
+            )
 
     def _count_failover(self, progress: _Progress, route: Route) -> None:
         if progress.moving_from is not None:
@@ -547,7 +592,8 @@ class Proxy:
                 await self._remember_task(reply.body or b"", res)
             content_type = reply.response.headers.get("Content-Type", "application/json")
             headers["Content-Type"] = content_type
-            return web.Response(status=reply.status, body=reply.body or b"", headers=headers)
+            body = _without_secret(reply.body or b"", self.pool.secret(res.provider, res.key))
+            return web.Response(status=reply.status, body=body, headers=headers)
         return await self._relay_stream(request, reply, headers, call)
 
     async def _remember_task(self, body: bytes, res: Reservation) -> None:
@@ -574,7 +620,13 @@ class Proxy:
         tail = b""
         chunk = reply.first_chunk or b""
         try:
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except (ConnectionError, RuntimeError):
+                # The client left before its first byte: an abort like any other, not the
+                # "incomplete body" 400 (recorded as a 500) it ended as in the middleware.
+                self.metrics.stream_aborts.labels("client").inc()
+                return response
             while True:
                 waiting = time.monotonic()
                 try:
@@ -605,8 +657,25 @@ class Proxy:
                 return response
             await response.write_eof()
             return response
+        except asyncio.CancelledError:
+            # Cut at the end of the shutdown grace (router.serve): the client is told, like
+            # for any broken stream, instead of a bare cut recorded as a 500.
+            trace.status = response.status
+            if response.prepared:
+                await self._end_cut_stream(response)
+            raise
         finally:
             reply.close()
+
+    async def _end_cut_stream(self, response: web.StreamResponse) -> None:
+        event = sse_error_event(
+            "the gateway is shutting down: the stream was cut", code="shutting_down"
+        )
+        try:
+            await response.write(event)
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
 
     async def _end_broken_stream(self, response: web.StreamResponse, message: str) -> None:
         self.metrics.stream_aborts.labels("upstream").inc()
@@ -622,6 +691,8 @@ class Proxy:
         if shares and all(b.reason is Refusal.CLIENT_SHARE for b in progress.blocked):
             # Only the client's own share stands in the way (no paid route it may use).
             return self._client_share(call, shares[0])
+        if progress.broken is not None:
+            return self._upstream_unavailable(call, progress.broken, progress.blocked)
         if progress.blocked:
             return self._pool_exhausted(call, progress.blocked)
         if progress.unavailable >= routes:
@@ -635,6 +706,21 @@ class Proxy:
         if progress.remaining() <= 0 or (last is not None and last.row.endswith("timeout")):
             return UpstreamTimeout(f"The upstream did not answer in time{detail}.")
         return UpstreamError(f"Every upstream attempt failed{detail}; try again shortly.")
+
+    def _upstream_unavailable(
+        self, call: Call, broken: Open, blocked: list[NoCapacity]
+    ) -> UpstreamUnavailable:
+        # The earliest moment a route may serve again: the breaker's end, or a cooldown's.
+        now_ms = to_ms(self.clock())
+        soonest = min(
+            [int(broken.until * 1000), *(b.retry_at_ms for b in blocked if b.retry_at_ms)]
+        )
+        wait = (soonest - now_ms) / 1000
+        return UpstreamUnavailable(
+            f"The provider '{broken.provider}' is failing on several keys at once; "
+            f"no other route can serve '{call.model}' now. Retry in {max(1, math.ceil(wait))} s.",
+            retry_after_s=wait,
+        )
 
     def _reset_text(self) -> tuple[str, float]:
         now = self.clock()
@@ -679,6 +765,13 @@ class Proxy:
             f"it resets at {reset_text} (in {_duration(to_reset)}).",
             retry_after_s=to_reset,
         )
+
+
+def _without_secret(body: bytes, secret: str) -> bytes:
+    """``body`` with every copy of ``secret`` replaced: an upstream that echoes the key it was
+    sent (some error pages do) handed it to the client in a 4xx passed on as is
+    (tests/test_canary.py). Streams are relayed as they come and are not scanned."""
+    return body.replace(secret.encode(), b"[redacted]") if secret else body
 
 
 def _duration(seconds: float) -> str:

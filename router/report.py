@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -69,8 +70,13 @@ def print_pool(settings: Settings, path: Path, console: Console | None = None) -
 def mask_url(url: str) -> str:
     """Hide a password in a store URL (redis://:secret@host -> redis://:••••@host)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
+    # redis-py also takes ?password=... in the query: check-config and serve's startup line
+    # printed it in clear (tests/test_canary.py).
+    rest = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1••••", rest)
+    if "@" not in rest:
+        return f"{scheme}://{rest}"
     credentials, _, host = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:••••@{host}"

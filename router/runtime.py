@@ -18,6 +18,7 @@ from router.config import Settings
 from router.metrics import Metrics
 from router.pool import KeyPool
 from router.proxy import Proxy
+from router.quota.resilient_store import ResilientStore
 from router.quota.store import QuotaStore
 from router.quota_metrics import QuotaReporter
 from router.scheduler import watch_day_rollover
@@ -70,6 +71,8 @@ class Runtime:
         quota = self.settings.quota
         self._spawn(watch_day_rollover(self.clock, quota.tz, quota.reset_time))
         self._spawn(_every(self.settings.metrics.refresh_seconds, self.reporter.refresh))
+        if isinstance(self.store, ResilientStore):  # store.on_error: fail_open
+            self._spawn(self.store.heartbeat_forever())
 
     def _spawn(self, job: Awaitable[None]) -> None:
         self._tasks.append(asyncio.ensure_future(job))

@@ -64,7 +64,12 @@ class Upstreams:
 
     async def open(self) -> None:
         for provider in self._providers.values():
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+            # ssl=True: certificates and host names are verified against the system CAs
+            # (aiohttp's default, spelled out; tests/test_canary.py checks a self-signed
+            # upstream is refused). Never pass ssl=False here.
+            connector = aiohttp.TCPConnector(
+                limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, ssl=True
+            )
             timeout = aiohttp.ClientTimeout(
                 total=None,
                 connect=provider.connect_timeout_seconds,

@@ -100,6 +100,11 @@ NOT_VERIFIED = (
 )
 HTML_429 = b"<html><head><title>429 Too Many Requests</title></head><body></body></html>"
 HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+HTML_401 = b"<html><head><title>401 Authorization Required</title></head><body></body></html>"
+WAF_403 = (
+    b"<!DOCTYPE html><html><head><title>Access Denied</title></head><body><h1>Sorry, your "
+    b"request has been blocked</h1><p>Request ID: 0b7a3c12</p></body></html>"
+)
 
 # Rate-limit headers as seen on real answers, in mixed case as a plain dict would carry them.
 RL = {
@@ -308,8 +313,23 @@ CASES = [
     C("bailian_access_denied_unpurchased", BL, 403,
       bailian("AccessDenied.Unpurchased", "Access to model denied."), "access_denied",
       Outcome.KEY_REJECTED, NK, S(disable_reason="access_denied: Access to model denied.")),
-    C("forbidden_other", MS, 403, b"Forbidden", "forbidden", Outcome.KEY_REJECTED, NK,
-      S(disable_reason="forbidden: Forbidden")),
+    C("forbidden_other", MS, 403, ms_error("Forbidden", "permission_error"), "forbidden",
+      Outcome.KEY_REJECTED, NK, S(disable_reason="forbidden: Forbidden")),
+    C("forbidden_empty", OA, 403, b"", "forbidden", Outcome.KEY_REJECTED, NK,
+      S(disable_reason="forbidden:")),
+    # ---- a block in front of the API (WAF, CDN, proxy): not the key's fault ------------------
+    C("forbidden_waf_html", MS, 403, WAF_403, "forbidden_not_json", Outcome.UPSTREAM_FAILURE,
+      RT, S(cooldown=FAIL), headers={"Content-Type": "text/html"}),
+    C("forbidden_text", BL, 403, b"Forbidden", "forbidden_not_json", Outcome.UPSTREAM_FAILURE,
+      RT, S(cooldown=FAIL)),
+    C("unauthorized_html", OA, 401, HTML_401, "forbidden_not_json", Outcome.UPSTREAM_FAILURE,
+      RT, S(remaining=1895, model_remaining=477, cooldown=FAIL), headers={**RL}),
+    C("forbidden_json_array", MS, 403, b'["blocked"]', "forbidden_not_json",
+      Outcome.UPSTREAM_FAILURE, RT, S(cooldown=FAIL)),
+    # the API's own words still win over the shape of the body
+    C("ms_not_verified_html", MS, 403, f"<p>{NOT_VERIFIED}</p>".encode(),
+      "ms_real_name_required", Outcome.KEY_REJECTED, NK,
+      S(disable_reason=f"ms_real_name_required: <p>{NOT_VERIFIED}</p>")),
     C("bailian_arrearage", BL, 400,
       bailian("Arrearage", "Access denied, please make sure your account is in good standing."),
       "bailian_arrearage", Outcome.KEY_REJECTED, NK,
@@ -383,7 +403,7 @@ def test_every_rule_row_has_a_case() -> None:
 
 
 def test_row_names_are_unique_metric_labels() -> None:
-    assert len(ROW_NAMES) == len(set(ROW_NAMES)) == 29
+    assert len(ROW_NAMES) == len(set(ROW_NAMES)) == 30
     assert all(re.fullmatch(r"[a-z][a-z0-9_]*", row) for row in ROW_NAMES)
 
 
@@ -576,7 +596,7 @@ TOKEN = "ms-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 @pytest.mark.parametrize(
     "body",
     [
-        f"Authentication failed for token {TOKEN}".encode(),
+        ms_errors(f"Authentication failed for token {TOKEN}"),
         ms_errors(f"bad header Authorization: Bearer {TOKEN}"),
         ms_errors("Authorization: Bearer abcdefSECRET123"),
         bailian("invalid_api_key", "Incorrect API key provided: sk-abcdef1234567890."),
@@ -594,8 +614,17 @@ def test_secrets_are_redacted(body: bytes) -> None:
         assert "[redacted]" in text
 
 
+def test_secrets_are_redacted_from_a_foreign_body() -> None:
+    body = f"<html><body>Authentication failed for token {TOKEN}</body></html>".encode()
+    verdict = classify(MS, 401, {}, body, stream=False)
+    assert verdict.row == "forbidden_not_json"
+    assert settlement_for(verdict, daily_limit=None).disable_reason is None
+    assert TOKEN not in verdict.message
+    assert "ms-[redacted]" in verdict.message
+
+
 def test_disable_reason_is_short() -> None:
-    verdict = classify(MS, 401, {}, ("y" * 1000).encode(), stream=False)
+    verdict = classify(MS, 401, {}, ms_errors("y" * 1000), stream=False)
     reason = settlement_for(verdict, daily_limit=None).disable_reason
     assert reason is not None
     assert reason.startswith("unauthorized: yyy")

@@ -20,6 +20,8 @@ DEFAULT_PREFIX = "modelscope-router"
 #   {prefix}:p:<provider>:disabled     key name -> "fingerprint|reason"
 #   {prefix}:clients:day:<day>         the clients day map (fields below)
 #   {prefix}:task:<task_id>            which provider/key created an asynchronous task
+#   {prefix}:replicas                  replica id -> last heartbeat (Redis time, Unix ms)
+#   {prefix}:writeback:<token>         a local spending batch already written back (fail_open)
 
 # Provider day map fields: per key (and model) ...
 USED = "u"
@@ -62,6 +64,16 @@ def clients_key(prefix: str, day: str) -> str:
 def task_key(prefix: str, task_id: str) -> str:
     """Redis key remembering an asynchronous task."""
     return f"{_tag(prefix)}:task:{task_id}"
+
+
+def replicas_key(prefix: str) -> str:
+    """Redis key of the replicas' heartbeats (fail_open counts the live gateways)."""
+    return f"{_tag(prefix)}:replicas"
+
+
+def writeback_key(prefix: str, token: str) -> str:
+    """Redis key marking one written-back batch of local spending (so it applies once)."""
+    return f"{_tag(prefix)}:writeback:{token}"
 
 
 def fair_used_field(client: str) -> str:

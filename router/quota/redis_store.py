@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -31,6 +31,20 @@ from router.quota.types import (
 )
 
 T = TypeVar("T")
+
+DAY_MS = 86_400_000
+# Small enough that a hung Redis fails a request fast (503, or the local allowance with
+# store.on_error: fail_open), large enough for any script of ours on a loaded server.
+SOCKET_TIMEOUT_S = 2.0
+
+
+class DayDeltas(NamedTuple):
+    """Counts to add to one day map (write-back of calls counted while Redis was away)."""
+
+    provider: str | None  # None: the clients day map
+    day: str
+    day_end_ms: int  # the reset that ends ``day``: the map expires a day after it
+    deltas: Mapping[str, int]  # field -> calls to add (negative: calls given back)
 
 
 @cache
@@ -158,7 +172,7 @@ class RedisStore:
         redis: str | Redis,
         *,
         prefix: str = k.DEFAULT_PREFIX,
-        socket_timeout: float = 5.0,
+        socket_timeout: float = SOCKET_TIMEOUT_S,
         max_connections: int = 64,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
@@ -187,6 +201,8 @@ class RedisStore:
         self._reserve_script = self._client.register_script(_lua("reserve.lua"))
         self._settle_script = self._client.register_script(_lua("settle.lua"))
         self._reset_key_script = self._client.register_script(_lua("reset_key.lua"))
+        self._heartbeat_script = self._client.register_script(_lua("heartbeat.lua"))
+        self._writeback_script = self._client.register_script(_lua("writeback.lua"))
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -285,6 +301,59 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._io(self._client.ping())
+
+    # -- for ResilientStore (store.on_error: fail_open) ----------------------------------------
+
+    async def heartbeat(
+        self,
+        replica: str,
+        live_window_ms: int,
+        forget_after_ms: int,
+        reads: Mapping[tuple[str, str], Sequence[str]] | None = None,
+    ) -> tuple[int, dict[tuple[str, str], dict[str, str | None]]]:
+        """Say ``replica`` is alive (Redis time) and read day-map fields, in one round trip.
+
+        ``reads`` maps (provider, day) to fields of that day map. Returns the replicas seen
+        within the live window and, per (provider, day), each field's value (None: absent).
+        """
+        reads = reads or {}
+        keys = [k.replicas_key(self._prefix)]
+        args: list[str | int] = [replica, live_window_ms, forget_after_ms]
+        for (provider, day), wanted in reads.items():
+            keys.append(k.day_key(self._prefix, provider, day))
+            args += [len(wanted), *wanted]
+        reply = await self._io(self._heartbeat_script(keys=keys, args=args))
+        read = {
+            where: {
+                field: None if value is None else _text(value)
+                for field, value in zip(wanted, got, strict=True)
+            }
+            for (where, wanted), got in zip(reads.items(), reply[1:], strict=True)
+        }
+        return int(reply[0]), read
+
+    async def forget_replica(self, replica: str) -> None:
+        await self._io(self._client.hdel(k.replicas_key(self._prefix), replica))
+
+    async def write_back(self, token: str, batch: Sequence[DayDeltas]) -> bool:
+        """Add ``batch`` to the day maps in one script, once per ``token``.
+
+        True when applied now; False when a call with this token applied it before (its
+        reply was lost), so a retry never counts twice.
+        """
+        keys = [k.writeback_key(self._prefix, token)]
+        args: list[str | int] = [2 * DAY_MS]
+        for entry in batch:
+            deltas = [(field, delta) for field, delta in entry.deltas.items() if delta]
+            if entry.provider is None:
+                keys.append(k.clients_key(self._prefix, entry.day))
+            else:
+                keys.append(k.day_key(self._prefix, entry.provider, entry.day))
+            args += [entry.day_end_ms + DAY_MS, len(deltas)]
+            for field, delta in deltas:
+                args += [field, delta]
+        reply = await self._io(self._writeback_script(keys=keys, args=args))
+        return int(reply) == 1
 
     async def aclose(self) -> None:
         if self._owns_client:
