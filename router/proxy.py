@@ -60,7 +60,7 @@ from router.errors import (
 )
 from router.metrics import Metrics
 from router.pool import KeyPool
-from router.quota.days import next_reset, quota_day, to_ms
+from router.quota.days import QuotaCalendar, next_reset, to_ms
 from router.quota.store import QuotaStore, StoreError
 from router.quota.types import (
     KeySpec,
@@ -208,6 +208,7 @@ class Proxy:
         self._passthrough = frozenset(path for p in settings.providers for path in p.passthrough)
         self._tz = settings.quota.tz
         self._reset = settings.quota.reset_time
+        self._calendar = QuotaCalendar(self._tz, self._reset)
         self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -476,14 +477,15 @@ class Proxy:
         self, route: Route, specs: tuple[KeySpec, ...], client: str
     ) -> Reservation | NoCapacity:
         now = self.clock()
+        day, day_end_ms = self._calendar.window(now)
         req = ReserveRequest(
             provider=route.provider.name,
             model=route.model,
             keys=specs,
             strategy=route.provider.strategy,
-            day=quota_day(now, self._tz, self._reset),
+            day=day,
             now_ms=to_ms(now),
-            day_end_ms=to_ms(next_reset(now, self._tz, self._reset)),
+            day_end_ms=day_end_ms,
             client=self.policy.quota_for(client, route.provider),
         )
         try:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.quota.days import next_reset, quota_day, to_ms
+from router.quota.days import QuotaCalendar, next_reset, quota_day, to_ms
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 MIDNIGHT = time(0, 0)
@@ -60,3 +60,26 @@ def test_day_changes_exactly_at_next_reset(now: datetime, zone: str, reset: time
     day = quota_day(now, tz, reset)
     assert quota_day(boundary - timedelta(microseconds=1), tz, reset) == day
     assert quota_day(boundary, tz, reset) != day
+
+
+@given(
+    st.lists(
+        st.datetimes(
+            min_value=datetime(2026, 1, 1), max_value=datetime(2027, 1, 1), timezones=st.just(UTC)
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sampled_from(["Asia/Shanghai", "UTC", "Europe/Berlin"]),
+    st.times(),
+)
+def test_calendar_cache_agrees_with_the_pure_functions(
+    moments: list[datetime], zone: str, reset: time
+) -> None:
+    tz = ZoneInfo(zone)
+    calendar = QuotaCalendar(tz, reset)
+    for now in moments:  # in any order: the cache must notice a clock that jumps back
+        assert calendar.window(now) == (
+            quota_day(now, tz, reset),
+            to_ms(next_reset(now, tz, reset)),
+        )

@@ -48,3 +48,26 @@ def utc_now() -> datetime:
 def wall_clock_ms() -> int:
     """Unix milliseconds now: the default clock of the stores (task expiry)."""
     return time_ns() // 1_000_000
+
+
+class QuotaCalendar:
+    """``quota_day`` and the next reset, worked out once a day (the request path asks often)."""
+
+    def __init__(self, tz: ZoneInfo, reset_time: time) -> None:
+        self.tz = tz
+        self.reset_time = reset_time
+        self._start_ms = 0
+        self._end_ms = 0
+        self._day = ""
+
+    def window(self, now: datetime) -> tuple[str, int]:
+        """(quota day, next reset in Unix ms) for ``now``."""
+        now_ms = to_ms(now)
+        if not self._start_ms <= now_ms < self._end_ms:
+            end = next_reset(now, self.tz, self.reset_time)
+            self._day = quota_day(now, self.tz, self.reset_time)
+            self._end_ms = to_ms(end)
+            # The reset before ``end``: this day began there (or now, should a zone say otherwise).
+            start = to_ms(next_reset(end - timedelta(days=2), self.tz, self.reset_time))
+            self._start_ms = min(start, now_ms)
+        return self._day, self._end_ms
