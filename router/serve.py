@@ -28,6 +28,7 @@ from router.report import mask_url
 log = logging.getLogger("router.serve")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+KEEPALIVE_SECONDS = 75.0
 #: After the grace: how long the last answers (and cancelled handlers) get to be written.
 CLOSE_TIMEOUT_SECONDS = 1.0
 
@@ -77,7 +78,13 @@ async def _serve_until_stopped(
     app.middlewares.insert(0, inflight.middleware)
     # Handlers are waited for (and cut) by InFlight; aiohttp's own wait is only for the last
     # answers to be written. Never 0: aiohttp reads a shutdown_timeout of 0 as "no limit".
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_SECONDS)
+    # An idle keep-alive connection is closed after 75 s (aiohttp's own default is an hour).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=CLOSE_TIMEOUT_SECONDS,
+        keepalive_timeout=KEEPALIVE_SECONDS,
+    )
     await runner.setup()
     site = web.TCPSite(
         runner,
