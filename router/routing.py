@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from router.classify import ProviderType
 from router.config import ProviderConfig, Settings
 
+RESOLVED_CACHE_SIZE = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -39,15 +41,19 @@ class RouteTable:
         }
 
         self.aliases: tuple[str, ...] = tuple(self._aliases)
+        self._resolved: dict[str, tuple[Route, ...]] = {}
 
     def has_alias(self, model_id: str) -> bool:
         return model_id in self._aliases
 
     def resolve(self, model_id: str) -> tuple[Route, ...]:
-        routes = self._aliases.get(model_id)
+        routes = self._aliases.get(model_id) or self._resolved.get(model_id)
         if routes is not None:
             return routes
-        return tuple(Route(p, upstream_model_name(p, model_id)) for p in self._providers)
+        routes = tuple(Route(p, upstream_model_name(p, model_id)) for p in self._providers)
+        if len(self._resolved) < RESOLVED_CACHE_SIZE:  # bounded: clients choose model names
+            self._resolved[model_id] = routes
+        return routes
 
 
 def known_routes(
