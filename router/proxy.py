@@ -150,12 +150,46 @@ def request_id_of(request: web.Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def worth_settling(settlement: Settlement, res: Reservation) -> bool:
+class LowestSeen:
+    """The lowest remaining this process has reserved down to, per key and per (key, model).
+
+    An upstream's remaining header also counts the other requests in flight on the key, so it
+    is compared with this floor, not with the answer's own reservation: otherwise concurrency
+    alone would look like outside use and cost a second round trip per request.
+    """
+
+    def __init__(self) -> None:
+        self._day = ""
+        self._floors: dict[tuple[str, ...], int] = {}
+
+    def record(self, res: Reservation) -> None:
+        if res.day != self._day:  # a new quota day: yesterday's floors say nothing
+            self._day, self._floors = res.day, {}
+        for scope, remaining in self._scopes(res):
+            if remaining is not None:
+                known = self._floors.get(scope)
+                self._floors[scope] = remaining if known is None else min(known, remaining)
+
+    def floors(self, res: Reservation) -> tuple[int | None, int | None]:
+        (key_scope, key_left), (model_scope, model_left) = self._scopes(res)
+        if res.day != self._day:
+            return key_left, model_left
+        return self._floors.get(key_scope, key_left), self._floors.get(model_scope, model_left)
+
+    @staticmethod
+    def _scopes(res: Reservation) -> tuple[tuple[tuple[str, ...], int | None], ...]:
+        return (
+            ((res.provider, res.key), res.remaining),
+            ((res.provider, res.key, res.model), res.model_remaining),
+        )
+
+
+def worth_settling(settlement: Settlement, key_floor: int | None, model_floor: int | None) -> bool:
     """Whether an answer changes the store: the steady state costs no second round trip."""
     if settlement.release or settlement.exhaust or settlement.cooldown or settlement.disable_reason:
         return True
-    return _lower(settlement.remaining, res.remaining) or _lower(
-        settlement.model_remaining, res.model_remaining
+    return _lower(settlement.remaining, key_floor) or _lower(
+        settlement.model_remaining, model_floor
     )
 
 
@@ -209,6 +243,7 @@ class Proxy:
         self._tz = settings.quota.tz
         self._reset = settings.quota.reset_time
         self._calendar = QuotaCalendar(self._tz, self._reset)
+        self._lowest = LowestSeen()
         self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -415,6 +450,7 @@ class Proxy:
                     raise self._client_limit(call, reservation)
                 progress.blocked.append(reservation)
                 return None
+            self._lowest.record(reservation)
             self._count_failover(progress, route)
             verdict, reply = await self._attempt(call, route, reservation, progress)
             await self._settle(reservation, verdict)
@@ -547,7 +583,7 @@ class Proxy:
 
     async def _settle(self, res: Reservation, verdict: Verdict) -> None:
         settlement = settlement_for(verdict, daily_limit=res.daily_limit)
-        if not worth_settling(settlement, res):
+        if not worth_settling(settlement, *self._lowest.floors(res)):
             return
         try:
             result = await self.store.settle(res, settlement, to_ms(self.clock()))
