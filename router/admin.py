@@ -8,8 +8,6 @@ Answers name keys, never their secrets.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from router.auth import presented_key
+from router.auth import find_key, presented_key
 from router.config import ConfigError, ProviderConfig, Settings, fingerprint
 from router.errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthorized
 from router.quota.days import quota_day, to_ms
@@ -57,14 +55,12 @@ def authorize(headers: Mapping[str, str], settings: Settings) -> None:
             "Missing admin key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.",
             code="missing_api_key",
         )
-    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-    is_admin = hmac.compare_digest(digest, expected)
-    is_client = False
-    for client in settings.clients:
-        is_client |= hmac.compare_digest(digest, client.key_digest())
-    if is_admin:
+    role = find_key(
+        key, [(expected, "admin"), *((c.key_digest(), "client") for c in settings.clients)]
+    )
+    if role == "admin":
         return
-    if is_client:
+    if role == "client":
         raise Forbidden("A client key cannot use the admin API.", code="admin_key_required")
     raise Unauthorized("Invalid admin key.", code="invalid_api_key")
 

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
-from router.config import ClientConfig
+from router.config import ClientConfig, secret_digest
 from router.errors import Unauthorized
 
 OPEN_CLIENT = "anonymous"
+T = TypeVar("T")
+
+
+def matches(presented: str, expected: bytes) -> bool:
+    """Constant-time: is ``presented`` the key whose digest is ``expected``?"""
+    return hmac.compare_digest(secret_digest(presented), expected)
+
+
+def find_key(presented: str, candidates: Iterable[tuple[bytes, T]]) -> T | None:
+    """The value whose key digest matches, comparing against every candidate (constant time)."""
+    digest = secret_digest(presented)
+    found: T | None = None
+    for expected, value in candidates:
+        if hmac.compare_digest(digest, expected):
+            found = value
+    return found
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -45,11 +61,7 @@ class ClientAuth:
                 "Missing API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.",
                 code="missing_api_key",
             )
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for expected, name in self._clients:
-            if hmac.compare_digest(digest, expected):
-                found = name
+        found = find_key(key, self._clients)
         if found is None:
             raise Unauthorized("Invalid API key.", code="invalid_api_key")
         return found

@@ -191,11 +191,19 @@ class ModelAlias(_Model):
     routes: list[RouteConfig] = Field(min_length=1)
 
 
+def secret_digest(text: str) -> bytes:
+    """SHA-256 of a key as sent or configured; keys are only ever compared as these digests.
+
+    surrogateescape: a header with invalid UTF-8 is still a (wrong) key, never an error.
+    """
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
 def _digest_of(key: SecretStr | None, key_sha256: str | None) -> bytes:
     if key_sha256 is not None:
         return bytes.fromhex(key_sha256)
     assert key is not None
-    return hashlib.sha256(key.get_secret_value().encode()).digest()
+    return secret_digest(key.get_secret_value())
 
 
 class _KeyHolder(_Model):
