@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -11,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router.admin import add_admin_routes
@@ -44,30 +46,86 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RELOAD_GRACE_SECONDS = 600.0
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as OpenAI's error shape; nothing leaves as a stack trace."""
-    try:
-        return await handler(request)
-    except RouterError as exc:
-        return exc.to_response()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].server.max_body_bytes
-        return BodyTooLarge(f"The request body is larger than {limit} bytes.").to_response()
-    except web.HTTPNotFound:
-        return NotFound(f"No route for {request.method} {request.path}.").to_response()
-    except web.HTTPMethodNotAllowed:
-        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}.").to_response()
-    except web.HTTPException:
-        raise
-    except ConnectionResetError:  # the client left mid-body (an admin POST): not our fault
-        return BadRequest(
-            "The connection closed before the whole request body arrived.",
-            code="incomplete_body",
-        ).to_response()
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return RouterError("Internal error in the gateway.").to_response()
+class InFlight:
+    """The handlers running now: waited for at shutdown, up to the grace, then cancelled.
+
+    aiohttp's own shutdown waits for a handler twice (then cancels the request, waits again,
+    and only then cancels the handler), each up to ``shutdown_timeout``, and reads 0 as "no
+    limit": a stream got twice the grace, and a grace of 0 waited forever (router.serve).
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self, task: asyncio.Task[object]) -> None:
+        self.tasks.add(task)
+        self._idle.clear()
+
+    def leave(self, task: asyncio.Task[object]) -> None:
+        self.tasks.discard(task)
+        if not self.tasks:
+            self._idle.set()
+
+    async def finish(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for every handler; cancel those still running."""
+        if not self.tasks:
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "grace of %.1f s over: cutting %d requests still in flight", grace, len(self.tasks)
+            )
+            for task in list(self.tasks):
+                task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_TIMEOUT_SECONDS)
+
+
+INFLIGHT = web.AppKey("inflight", InFlight)
+#: After the grace: how long the last answers (and cancelled handlers) get to be written.
+CLOSE_TIMEOUT_SECONDS = 1.0
+
+
+def error_middleware(inflight: InFlight) -> Middleware:
+    """Every error leaves as OpenAI's error shape; nothing leaves as a stack trace. The handler
+    is also tracked in ``inflight`` for the shutdown: one middleware, not two, since each
+    layer costs every request a coroutine and a frame on every resume."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None  # aiohttp runs every handler in a task
+        inflight.enter(task)
+        try:
+            return await handler(request)
+        except RouterError as exc:
+            return exc.to_response()
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app[SETTINGS].server.max_body_bytes
+            return BodyTooLarge(f"The request body is larger than {limit} bytes.").to_response()
+        except web.HTTPNotFound:
+            return NotFound(f"No route for {request.method} {request.path}.").to_response()
+        except web.HTTPMethodNotAllowed:
+            return MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path}."
+            ).to_response()
+        except web.HTTPException:
+            raise
+        except ConnectionResetError:  # the client left mid-body (an admin POST): not our fault
+            return BadRequest(
+                "The connection closed before the whole request body arrived.",
+                code="incomplete_body",
+            ).to_response()
+        except Exception:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return RouterError("Internal error in the gateway.").to_response()
+        finally:
+            inflight.leave(task)
+
+    return middleware
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -194,9 +252,11 @@ def create_app(
 ) -> web.Application:
     """Build the gateway. ``store`` and ``clock`` are injectable for tests."""
     quiet_parser_errors()  # aiohttp would log a malformed request's raw header line (secrets)
+    inflight = InFlight()
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
+        middlewares=[error_middleware(inflight)], client_max_size=settings.server.max_body_bytes
     )
+    app[INFLIGHT] = inflight
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(registry or CollectorRegistry())

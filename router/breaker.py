@@ -89,6 +89,8 @@ class Breakers:
 
     def blocking(self, provider: str, model: str) -> Open | None:
         """The open breaker that stops ``provider`` from serving ``model`` now, if any."""
+        if not self._circuits:  # the usual case: nothing has failed lately
+            return None
         now = self._clock()
         found: Open | None = None
         for scope, signature in ((None, Signature.FAILURE), (model, Signature.THROTTLE)):
@@ -118,6 +120,8 @@ class Breakers:
         return self._failure(provider, scope, signature, key, keys)
 
     def _close(self, provider: str, model: str) -> None:
+        if not self._circuits:
+            return
         for ident in ((provider, None, Signature.FAILURE), (provider, model, Signature.THROTTLE)):
             self._circuits.pop(ident, None)
 

@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.quota.types import Cooldown, Settlement
 
@@ -314,7 +315,8 @@ _SECONDS_RE: Final = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     """``name`` (lower case) looked up case-insensitively, in any Mapping."""
     value = headers.get(name)
-    if value is None:
+    if value is None and not isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        # aiohttp's headers are case-insensitive already: a miss there is a miss
         for key, candidate in headers.items():
             if isinstance(key, str) and key.lower() == name:
                 value = candidate
@@ -456,6 +458,8 @@ _SPACE_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]+")
 
 def safe_message(text: str, limit: int = MESSAGE_MAX_CHARS) -> str:
     """One line, tokens and Authorization values redacted, at most ``limit`` characters."""
+    if not text:  # every success: nothing to scan
+        return ""
     text = text[:_REDACT_SCAN_CHARS]
     text = _BEARER_RE.sub("Bearer [redacted]", text)
     text = _TOKEN_RE.sub(r"\1-[redacted]", text)

@@ -2,15 +2,152 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import sys
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
-from pythonjsonlogger.orjson import OrjsonFormatter as JsonFormatter  # orjson: the fast one
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+#: Attributes every LogRecord has: anything else on a record came in through ``extra=``.
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, then the record's ``extra`` fields
+    (and ``exc_info`` / ``stack_info`` as text when present)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def stamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # one strftime a second, not one a record
+            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        return f"{self._second_text},{int((created - second) * 1000):03d}"
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self.stamp(record.created)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.stamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in record.__dict__.items():
+            if name not in _STANDARD_ATTRS:
+                entry[name] = value
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return _dumps(entry)
+
+
+def _dumps(entry: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(entry, default=str).decode()
+    except TypeError:  # what orjson refuses even with default= (an int past 64 bits)
+        return json.dumps(entry, default=str)
+
+
+class JsonLinesHandler(logging.StreamHandler[TextIO]):
+    """The handler ``configure_logging`` installs for JSON: a StreamHandler with ``JsonLines``,
+    which ``FieldLog`` may also write to directly (the same line, without a LogRecord)."""
+
+    formatter: JsonLines
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.setFormatter(JsonLines())
+        self._flush_due = False
+
+    def write_line(self, name: str, level: str, message: str, fields: dict[str, Any]) -> None:
+        entry = {
+            "time": self.formatter.stamp(time.time()),
+            "level": level,
+            "logger": name,
+            "message": message,
+        }
+        entry.update(fields)
+        line = _dumps(entry) + self.terminator
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            try:
+                self.stream.write(line)
+                self._flush_soon()
+            except Exception:
+                self.handleError(logging.makeLogRecord({"name": name, "msg": message}))
+
+    def _flush_soon(self) -> None:
+        """Flush at the end of this turn of the event loop: the lines of the requests that
+        finish in one turn go out in one write (a write costs more than the line). Off a loop
+        (another thread), at once."""
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        with contextlib.suppress(ValueError, OSError):  # the stream was closed in between
+            self.flush()
+
+
+class FieldLog:
+    """A logger for one line with named fields per event (the access log: one per request).
+
+    Through ``logging`` as usual (caplog, plain text, any handler someone adds), except when the
+    only place the line can go is the ``JsonLinesHandler`` of ``configure_logging``: then the
+    same JSON line is written without building a LogRecord and running the handler chain. That
+    took 25 µs of the gateway's CPU per request, a tenth of its budget (bench/ profile).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def info(self, msg: str, *args: object, fields: dict[str, Any]) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        handler = self._sole_json_handler()
+        if handler is None:
+            logger.info(msg, *args, extra=fields)
+        else:
+            handler.write_line(logger.name, "INFO", msg % args, fields)
+
+    def _sole_json_handler(self) -> JsonLinesHandler | None:
+        node: logging.Logger | None = self.logger
+        while node is not None:
+            if node.filters:
+                return None
+            if node.parent is None:  # the root
+                handlers = node.handlers
+                if len(handlers) != 1:
+                    return None
+                handler = handlers[0]
+                if type(handler) is not JsonLinesHandler or handler.filters:
+                    return None
+                return handler if handler.level <= logging.INFO else None
+            if node.handlers or not node.propagate:
+                return None
+            node = node.parent
+        return None  # pragma: no cover - every chain ends at the root
 
 
 class _QuoteFreeParserErrors(logging.Filter):
@@ -52,17 +189,17 @@ def configure_logging(
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()
-    handler = logging.StreamHandler(stream)
-    formatter: logging.Formatter
+    handler: logging.Handler
     if json:
-        formatter = JsonFormatter(
-            JSON_FIELDS,
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            timestamp=False,
-        )
+        handler = JsonLinesHandler(stream)
     else:
-        formatter = logging.Formatter(PLAIN_FORMAT)
-    handler.setFormatter(formatter)
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    # Neither format shows the thread or the process: not looking them up saves three calls a
+    # record (the logging docs' "Optimization" section).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

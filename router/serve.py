@@ -9,7 +9,7 @@ SIGHUP: reload the config file. ``server.workers: N`` runs N processes on one po
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from router.app import LIFECYCLE, create_app
+from router.app import CLOSE_TIMEOUT_SECONDS, INFLIGHT, LIFECYCLE, create_app
 from router.config import Settings
 from router.logs import configure_logging
 from router.report import mask_url
@@ -29,8 +29,6 @@ log = logging.getLogger("router.serve")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 KEEPALIVE_SECONDS = 75.0
-#: After the grace: how long the last answers (and cancelled handlers) get to be written.
-CLOSE_TIMEOUT_SECONDS = 1.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,10 +72,8 @@ async def _serve_until_stopped(
 ) -> int:
     grace = settings.server.shutdown_grace_seconds
     app = create_app(settings, config_path=config_path)
-    inflight = InFlight()
-    app.middlewares.insert(0, inflight.middleware)
-    # Handlers are waited for (and cut) by InFlight; aiohttp's own wait is only for the last
-    # answers to be written. Never 0: aiohttp reads a shutdown_timeout of 0 as "no limit".
+    # Handlers are waited for (and cut) by router.app.InFlight; aiohttp's own wait is only for
+    # the last answers to be written. Never 0: aiohttp reads a shutdown_timeout of 0 as "no limit".
     # An idle keep-alive connection is closed after 75 s (aiohttp's own default is an hour).
     runner = web.AppRunner(
         app,
@@ -94,6 +90,11 @@ async def _serve_until_stopped(
         backlog=1024,
     )
     await site.start()
+    # What startup built (modules, config, routes: ~200k objects) lives as long as the process:
+    # out of the collector's sight, the full collections a busy gateway triggers every few
+    # seconds stop walking it (CPython's gc.freeze, made for forking servers like this one).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
@@ -107,54 +108,11 @@ async def _serve_until_stopped(
         await listening.stop()
     if runner.server is not None:
         runner.server.pre_shutdown()  # idle keep-alive connections close; busy ones after
-    await inflight.finish(grace)
+    await app[INFLIGHT].finish(grace)
     # Closes the connections and then the app's resources (store, upstream sessions).
     await runner.cleanup()
     log.info("stopped")
     return 0
-
-
-class InFlight:
-    """The handlers running now: waited for at shutdown, up to the grace, then cancelled.
-
-    aiohttp's own shutdown waits for a handler twice (then cancels the request, waits again,
-    and only then cancels the handler), each up to ``shutdown_timeout``, and reads 0 as "no
-    limit": a stream got twice the grace, and a grace of 0 waited forever.
-    """
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[object]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - aiohttp always runs handlers in a task
-            return await handler(request)
-        self.tasks.add(task)
-        self._idle.clear()
-        try:
-            return await handler(request)
-        finally:
-            self.tasks.discard(task)
-            if not self.tasks:
-                self._idle.set()
-
-    async def finish(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for every handler; cancel those still running."""
-        if not self.tasks:
-            return
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace)
-        except TimeoutError:
-            log.warning(
-                "grace of %.1f s over: cutting %d requests still in flight", grace, len(self.tasks)
-            )
-            for task in list(self.tasks):
-                task.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), CLOSE_TIMEOUT_SECONDS)
 
 
 def _worker_main(settings: Settings, config_path: Path | None, log_level: str) -> None:

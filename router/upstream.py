@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from router.classify import TransportFailure
 from router.config import ProviderConfig
@@ -93,7 +94,7 @@ class Upstreams:
     async def send(
         self,
         provider: ProviderConfig,
-        url: str,
+        url: str | URL,
         secret: str,
         body: bytes,
         *,

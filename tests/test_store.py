@@ -18,6 +18,7 @@ from redis.crc import key_slot
 from router.quota import keys as k
 from router.quota.factory import open_store
 from router.quota.memory_store import MemoryStore
+from router.quota.redis_lane import LaneConnection
 from router.quota.redis_store import RedisStore
 from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore, StoreError
@@ -757,17 +758,24 @@ def test_key_names_of_the_default_prefix() -> None:
 
 
 class _RoundTrips:
-    """Counts what the Redis client writes to its sockets: one write per round trip."""
+    """Counts what the Redis client (and the store's script lane, for reserve and settle)
+    writes to its sockets: one write per round trip."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
         send = AsyncConnection.send_packed_command
+        lane_send = LaneConnection.send
 
         async def counting(conn: AsyncConnection, command: Any, check_health: bool = True) -> None:
             self.count += 1
             await send(conn, command, check_health)
 
+        def lane_counting(conn: LaneConnection, command: bytes) -> asyncio.Future[Any]:
+            self.count += 1
+            return lane_send(conn, command)
+
         monkeypatch.setattr(AsyncConnection, "send_packed_command", counting)
+        monkeypatch.setattr(LaneConnection, "send", lane_counting)
 
     def take(self) -> int:
         count, self.count = self.count, 0

@@ -16,8 +16,10 @@ from redis.exceptions import RedisError
 from router.quota import keys as k
 from router.quota import logic
 from router.quota.days import wall_clock_ms
+from router.quota.redis_lane import LaneScript, ScriptLane, bulks, pack_fast
 from router.quota.store import StoreError
 from router.quota.types import (
+    ClientQuota,
     ClientUsage,
     FairShare,
     KeySpec,
@@ -36,6 +38,8 @@ DAY_MS = 86_400_000
 # Small enough that a hung Redis fails a request fast (503, or the local allowance with
 # store.on_error: fail_open), large enough for any script of ours on a loaded server.
 SOCKET_TIMEOUT_S = 2.0
+# Pre-encoded reserve and settle commands kept (a few per provider, model, client and day).
+FRAMES_MAX = 1024
 
 
 class DayDeltas(NamedTuple):
@@ -122,6 +126,15 @@ def _reserve_outcome(req: ReserveRequest, reply: Sequence[Any]) -> Reservation |
     )
 
 
+class _ReserveFrame(NamedTuple):
+    """A reserve EVALSHA encoded but for now_ms and day_end_ms (RedisStore._reserve_command)."""
+
+    keys: tuple[KeySpec, ...]  # held, so their ids stay theirs while cached
+    client: ClientQuota | None
+    head: bytes  # *N, EVALSHA, sha, 3, the three keys, model, strategy
+    tail: bytes  # every argument after day_end_ms
+
+
 def _settle_args(res: Reservation, s: Settlement, now_ms: int) -> list[str | int]:
     cooldown = s.cooldown
     return [
@@ -164,6 +177,9 @@ class RedisStore:
     Given a URL the store owns its client and closes it. That client does not retry: a
     script whose reply was lost may already have run, and running a settle twice would
     release a call twice. A client passed in is used as configured and left open.
+    reserve and settle, the hot path, go on a ScriptLane of the store's own (one pipelined
+    connection with the client's settings and ``socket_timeout``; it never retries either)
+    unless those settings are some a lane does not carry out (see redis_lane.py).
     ``clock`` (Unix ms) is only the default ``now`` of client_usage: Redis expires tasks.
     """
 
@@ -203,6 +219,13 @@ class RedisStore:
         self._reset_key_script = self._client.register_script(_lua("reset_key.lua"))
         self._heartbeat_script = self._client.register_script(_lua("heartbeat.lua"))
         self._writeback_script = self._client.register_script(_lua("writeback.lua"))
+        # reserve and settle: on one pipelined connection of their own, unless its settings
+        # are some a lane does not carry out (then on redis-py as the rest; see redis_lane).
+        self._lane = ScriptLane.for_client(self._client, timeout=socket_timeout)
+        self._reserve_lua = LaneScript(_lua("reserve.lua"))
+        self._settle_lua = LaneScript(_lua("settle.lua"))
+        self._reserve_frames: dict[tuple[Any, ...], _ReserveFrame] = {}
+        self._settle_keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -214,25 +237,88 @@ class RedisStore:
             k.clients_key(self._prefix, day),
         ]
 
+    def _error(self, exc: Exception) -> StoreError:
+        """The one way Redis errors become StoreError (the URL's password masked)."""
+        return StoreError(f"redis {self._where}: {type(exc).__name__}: {exc}")
+
     async def _io(self, call: Awaitable[T]) -> T:
-        """The one boundary where Redis errors become StoreError."""
         try:
             return await call
         except (RedisError, OSError) as exc:
-            raise StoreError(f"redis {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise self._error(exc) from exc
+
+    def _reserve_command(self, req: ReserveRequest) -> bytes:
+        """EVALSHA of reserve.lua for ``req`` as RESP: ``pack`` of the keys and _reserve_args.
+
+        Only now_ms and day_end_ms change between the requests of one (provider, model,
+        strategy, day, keys, client); callers reuse the same keys tuple and ClientQuota
+        (router/pool.py, router/clients.py), so the rest is encoded once, by identity.
+        """
+        frames = self._reserve_frames
+        ident = (req.provider, req.model, req.strategy, req.day, id(req.keys), id(req.client))
+        frame = frames.get(ident)
+        if frame is None or frame.keys is not req.keys or frame.client is not req.client:
+            args = _reserve_args(req)
+            head: tuple[str | int, ...] = (
+                "EVALSHA",
+                self._reserve_lua.sha,
+                3,
+                *self._keys(req.provider, req.day),
+            )
+            frame = _ReserveFrame(
+                req.keys,
+                req.client,
+                b"*%d\r\n%s" % (len(head) + len(args), bulks(*head, *args[:2])),
+                bulks(*args[4:]),
+            )
+            if len(frames) >= FRAMES_MAX:
+                del frames[next(iter(frames))]  # the oldest
+            frames[ident] = frame
+        now, end = b"%d" % req.now_ms, b"%d" % req.day_end_ms
+        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            frame.head,
+            len(now),
+            now,
+            len(end),
+            end,
+            frame.tail,
+        )
+
+    def _settle_command(self, res: Reservation, s: Settlement, now_ms: int) -> bytes:
+        """EVALSHA of settle.lua as RESP: ``pack`` of the keys and _settle_args."""
+        keys = self._settle_keys.get((res.provider, res.day))
+        if keys is None:
+            keys = ("EVALSHA", self._settle_lua.sha, "3", *self._keys(res.provider, res.day))
+            if len(self._settle_keys) >= FRAMES_MAX:
+                del self._settle_keys[next(iter(self._settle_keys))]
+            self._settle_keys[res.provider, res.day] = keys
+        return pack_fast((*keys, *_settle_args(res, s, now_ms)))
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        reply = await self._io(
-            self._reserve_script(keys=self._keys(req.provider, req.day), args=_reserve_args(req))
-        )
+        lane = self._lane
+        if lane is None:
+            keys = self._keys(req.provider, req.day)
+            reply = await self._io(self._reserve_script(keys=keys, args=_reserve_args(req)))
+        else:
+            try:
+                reply = await lane.run(self._reserve_lua, self._reserve_command(req))
+            except (RedisError, OSError) as exc:
+                raise self._error(exc) from exc
         return _reserve_outcome(req, reply)
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        reply = await self._io(
-            self._settle_script(
-                keys=self._keys(res.provider, res.day), args=_settle_args(res, settlement, now_ms)
-            )
-        )
+        lane = self._lane
+        if lane is None:
+            keys = self._keys(res.provider, res.day)
+            args = _settle_args(res, settlement, now_ms)
+            reply = await self._io(self._settle_script(keys=keys, args=args))
+        else:
+            try:
+                reply = await lane.run(
+                    self._settle_lua, self._settle_command(res, settlement, now_ms)
+                )
+            except (RedisError, OSError) as exc:
+                raise self._error(exc) from exc
         return _settle_result(reply)
 
     async def snapshot(
@@ -356,5 +442,7 @@ class RedisStore:
         return int(reply) == 1
 
     async def aclose(self) -> None:
+        if self._lane is not None:
+            await self._lane.aclose()
         if self._owns_client:
             await self._io(self._client.aclose())
