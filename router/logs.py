@@ -14,6 +14,9 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The access log's lines reach the stream at most this late (one write for all of them).
+FLUSH_DELAY_S = 0.1
+PENDING_MAX = 256
 
 #: Attributes every LogRecord has: anything else on a record came in through ``extra=``.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -64,14 +67,23 @@ def _dumps(entry: dict[str, Any]) -> str:
 
 class JsonLinesHandler(logging.StreamHandler[TextIO]):
     """The handler ``configure_logging`` installs for JSON: a StreamHandler with ``JsonLines``,
-    which ``FieldLog`` may also write to directly (the same line, without a LogRecord)."""
+    to which ``FieldLog`` also hands whole lines (the same line, without a LogRecord).
+
+    Those lines are held, in order, and written together within FLUSH_DELAY_S (or once
+    PENDING_MAX of them wait): one write for many, where a write a line cost more than the
+    line (stderr is line-buffered, so each line was a syscall; bench/). A record logged the
+    usual way (a warning, an error) writes what is held first, then itself, at once.
+    """
 
     formatter: JsonLines
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self.setFormatter(JsonLines())
-        self._flush_due = False
+        self._pending: list[str] = []
+        # The loop whose timer will flush what is held (None: no timer set). A timer of a loop
+        # that has closed since (tests run many) will never fire: one is set on the new loop.
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def write_line(self, name: str, level: str, message: str, fields: dict[str, Any]) -> None:
         entry = {
@@ -83,30 +95,50 @@ class JsonLinesHandler(logging.StreamHandler[TextIO]):
         entry.update(fields)
         line = _dumps(entry) + self.terminator
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
-            try:
-                self.stream.write(line)
-                self._flush_soon()
-            except Exception:
-                self.handleError(logging.makeLogRecord({"name": name, "msg": message}))
+            pending = self._pending
+            pending.append(line)
+            if len(pending) >= PENDING_MAX:
+                self.flush()
+            elif self._timer_loop is None or self._timer_loop.is_closed():
+                self._flush_later()
 
-    def _flush_soon(self) -> None:
-        """Flush at the end of this turn of the event loop: the lines of the requests that
-        finish in one turn go out in one write (a write costs more than the line). Off a loop
-        (another thread), at once."""
-        if self._flush_due:
-            return
+    def _flush_later(self) -> None:
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:
+        except RuntimeError:  # not on an event loop (another thread): at once
             self.flush()
             return
-        self._flush_due = True
-        loop.call_soon(self._flush_now)
+        self._timer_loop = loop
+        loop.call_later(FLUSH_DELAY_S, self._flush_now)
 
     def _flush_now(self) -> None:
-        self._flush_due = False
-        with contextlib.suppress(ValueError, OSError):  # the stream was closed in between
-            self.flush()
+        self._timer_loop = None
+        self.flush()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            # the stream may be closed (a test's, at its end): the lines have nowhere to go
+            with contextlib.suppress(ValueError, OSError):
+                self.stream.write(text)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.lock:  # type: ignore[union-attr]  # (Handler.handle holds it already)
+            self._write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+            with contextlib.suppress(ValueError, OSError):
+                super().flush()
+
+
+def flush_logs() -> None:
+    """Write out what the root handlers hold (at shutdown: the last access lines)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 class FieldLog:

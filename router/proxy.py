@@ -7,6 +7,7 @@ quota store. This module only glues them together.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -148,10 +149,25 @@ def parse_call(
     return Call(endpoint, model, stream, payload, raw, trace, headers or {})
 
 
+class RequestIds:
+    """32 hex digits, unique: 64 random bits drawn once per process, then a counter. No
+    syscall per request (uuid4 and os.urandom read the kernel's random source each time);
+    an id names a request in the logs, it is no secret."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._next = itertools.count(1).__next__
+
+    def new(self) -> str:
+        return f"{self._prefix}{self._next():016x}"
+
+
+_IDS = RequestIds()
+
+
 def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    # 128 random bits as 32 hex digits, like uuid4().hex without its object (a third the cost)
-    return given if _REQUEST_ID.match(given) else os.urandom(16).hex()
+    return given if _REQUEST_ID.match(given) else _IDS.new()
 
 
 class LowestSeen:
