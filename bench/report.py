@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 GATEWAYS = ("gateway-redis", "gateway-sqlite")
+#: The issue sets its targets for one process with quota accounting on Redis; the embedded store
+#: (SQLite on a worker thread, safe for several processes on one file) is reported beside it.
+JUDGED = "gateway-redis"
 COLUMNS = (
     "system",
     "mode",
@@ -83,6 +86,16 @@ def _target(
     return {"target": name, "value": value, "goal": target, "pass": passed, "detail": detail}
 
 
+def _gateway_target(
+    gw: str, name: str, value: Any, target: str, passed: bool, detail: str
+) -> dict[str, Any]:
+    """A target row of a gateway: judged for JUDGED, reported (pass None) for the others."""
+    if gw == JUDGED:
+        return _target(name, value, target, passed, detail)
+    met = "would meet" if passed else "would not meet"
+    return _target(name, value, target, None, f"{detail}; reported only ({met} it)")
+
+
 def _throughput(results: list[dict[str, Any]], connections: list[int]) -> list[dict[str, Any]]:
     out = []
     c = 16 if 16 in connections else max(connections)
@@ -94,7 +107,8 @@ def _throughput(results: list[dict[str, Any]], connections: list[int]) -> list[d
                 continue
             ratio = round(row["rps"] / floor["rps"], 2)
             out.append(
-                _target(
+                _gateway_target(
+                    gw,
                     f"throughput {gw} {mode} @{c} conn / pass-through",
                     ratio,
                     ">= 0.6x (aim 0.8x)",
@@ -121,7 +135,8 @@ def _latency(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             added = round(row["p50_ms"] - base["p50_ms"], 3)
             bound = 2 * max(floor_added, 0.0)
             out.append(
-                _target(
+                _gateway_target(
+                    gw,
                     f"added p50 {gw} {mode} @1 conn",
                     added,
                     f"<= 2x pass-through's added ({bound:.3f} ms)",
@@ -131,7 +146,8 @@ def _latency(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
             added99 = round(row["p99_ms"] - base["p99_ms"], 3)
             out.append(
-                _target(
+                _gateway_target(
+                    gw,
                     f"added p99 {gw} {mode} @1 conn",
                     added99,
                     "< 2 ms",
@@ -156,7 +172,8 @@ def _ttfc(ttfc: list[dict[str, Any]]) -> list[dict[str, Any]]:
             added = round(rows[gw]["ttfc_p50_ms"] - base, 3)
             bound = 2 * max(floor_added, 0.0)
             out.append(
-                _target(
+                _gateway_target(
+                    gw,
                     f"stream first-chunk overhead {gw} ({variant} upstream)",
                     added,
                     f"<= 2x pass-through's ({bound:.3f} ms)",

@@ -96,7 +96,8 @@ def error_middleware(inflight: InFlight) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        task = request.task  # the handler's task (asyncio.current_task: a syscall in 3.11)
+        task = asyncio.current_task()  # the handler's (request.task is the connection's)
+        assert task is not None  # aiohttp runs every handler in a task
         inflight.enter(task)
         try:
             return await handler(request)

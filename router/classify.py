@@ -519,7 +519,8 @@ def classify(
         outcome=rule.outcome,
         row=rule.row,
         message=message,
-        retry_after_s=_retry_after(headers),
+        # A wait only means something on a refusal (every request path reads it then).
+        retry_after_s=None if rule.outcome is Outcome.OK else _retry_after(headers),
         remaining=signals.remaining,
         model_remaining=signals.model_remaining,
         released=rule.outcome in RELEASED_OUTCOMES,

@@ -9,6 +9,7 @@ so "alice first, then bob" is deterministic; cooldowns run on the shared FakeClo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -224,6 +225,30 @@ async def test_slow_first_byte_fails_over_before_the_first_byte(
         assert reply.events()[-1] == "[DONE]"
     assert stats(sim, "modelscope")["faults_fired"] == {"slow_first_byte:3000": 1}
     assert used(sim) == {"alice": 0, "bob": 1, "carol": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_request_deadline_ends_a_hung_upstream_call_with_504(
+    clock: FakeClock, stream: bool
+) -> None:
+    """retry.deadline_seconds bounds the wait even when the provider's own timeout is far off;
+    the task is left clean: the next request on the same gateway is served."""
+    async with make_sim(clock) as sim:
+        config = config_of(sim)
+        config["retry"]["deadline_seconds"] = 0.3  # timeout_seconds stays 120
+        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+            sim.faults.add("hang", token="alice", count=1)
+            started = time.monotonic()
+            reply = await chat(http, url, stream=stream)
+            waited = time.monotonic() - started
+            after = await chat(http, url, stream=stream)
+    assert reply.status == 504, reply.body
+    error = orjson.loads(reply.body)["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "transport_read_timeout" in error["message"]
+    assert 0.3 <= waited < 5  # the deadline, not the provider's 120 s
+    served_by(after, "modelscope", "bob")  # alice cools after its failure
+    assert stats(sim, "modelscope")["faults_fired"] == {"hang": 1}
 
 
 # -- broken streams -------------------------------------------------------------------------

@@ -164,15 +164,19 @@ class LaneConnection(asyncio.Protocol):
         now = self._loop.time()
         self._waiting.append((future, now))
         outbox = self._outbox
-        outbox.append(command)
-        if len(outbox) == 1:
-            self._loop.call_soon(self._flush)
+        if len(self._waiting) == 1 and not outbox:
+            # Nothing else in flight: out at once (a lone request does not wait a turn).
+            self._transport.write(command)
+        else:
+            outbox.append(command)
+            if len(outbox) == 1:
+                self._loop.call_soon(self._flush)
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(now + self._timeout, self._check)
 
     def _flush(self) -> None:
-        """Write what this turn of the loop queued: requests that reach their reserve in the
-        same turn share one send (auto-pipelining); a lone request waits one callback."""
+        """Write what this turn of the loop queued behind replies still awaited: requests that
+        reach their reserve together share one send (auto-pipelining)."""
         outbox = self._outbox
         if not outbox:
             return  # failed in between: fail() emptied it
