@@ -302,6 +302,7 @@ class Proxy:
         self._calendar = QuotaCalendar(self._tz, self._reset)
         self._lowest = LowestSeen()
         self._urls: dict[tuple[str, bool, str], URL | None] = {}
+        self._running_loop: asyncio.AbstractEventLoop | None = None
         self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -392,7 +393,15 @@ class Proxy:
             raise
         finally:
             self.metrics.inflight.dec()
-            self._record(trace)
+            # Once this step of the task is over, i.e. after aiohttp has written the answer:
+            # the access line and the metrics are off the client's critical path.
+            self._loop().call_soon(self._record, trace)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._running_loop
+        if loop is None:  # the first request: the loop this Proxy (its Runtime) serves on
+            loop = self._running_loop = asyncio.get_running_loop()
+        return loop
 
     def _record(self, trace: Trace) -> None:
         total = time.monotonic() - trace.started

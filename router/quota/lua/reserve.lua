@@ -50,25 +50,41 @@ local function until_of(value)
   return tonumber(string.match(value, '^[^:]*'))
 end
 
+-- Every key's fields in one HMGET of the day map (the round-robin cursor last), and every
+-- key's disabled record in one HMGET: two calls, whatever the number of keys.
+local wanted, names = {}, {}
+for i = 1, n do
+  local name = ARGV[5 + (i - 1) * 4 + 1]
+  local at = (i - 1) * 6
+  names[i] = name
+  -- Field names: router/quota/keys.py.
+  wanted[at + 1] = 'u|' .. name
+  wanted[at + 2] = 'm|' .. name .. '|' .. model
+  wanted[at + 3] = 'x|' .. name
+  wanted[at + 4] = 'x|' .. name .. '|' .. model
+  wanted[at + 5] = 'c|' .. name
+  wanted[at + 6] = 'c|' .. name .. '|' .. model
+end
+wanted[6 * n + 1] = 'rr'
+local got = redis.call('HMGET', day_map, unpack(wanted))
+local records = {}
+if n > 0 then records = redis.call('HMGET', disabled_map, unpack(names)) end
+
 local function view(i)
   local base = 5 + (i - 1) * 4
-  local name, fingerprint = ARGV[base + 1], ARGV[base + 2]
-  -- Field names: router/quota/keys.py.
-  local v = redis.call('HMGET', day_map,
-    'u|' .. name, 'm|' .. name .. '|' .. model,
-    'x|' .. name, 'x|' .. name .. '|' .. model,
-    'c|' .. name, 'c|' .. name .. '|' .. model)
-  local record = redis.call('HGET', disabled_map, name)
+  local fingerprint = ARGV[base + 2]
+  local at = (i - 1) * 6
+  local record = records[i]
   return {
-    name = name,
-    used = tonumber(v[1] or '0'),
+    name = names[i],
+    used = tonumber(got[at + 1] or '0'),
     limit = cap(ARGV[base + 3]),
-    model_used = tonumber(v[2] or '0'),
+    model_used = tonumber(got[at + 2] or '0'),
     model_limit = cap(ARGV[base + 4]),
-    exhausted = v[3] ~= false,
-    model_exhausted = v[4] ~= false,
-    cooling_until = until_of(v[5]),
-    model_cooling_until = until_of(v[6]),
+    exhausted = got[at + 3] ~= false,
+    model_exhausted = got[at + 4] ~= false,
+    cooling_until = until_of(got[at + 5]),
+    model_cooling_until = until_of(got[at + 6]),
     -- Disabled only for the secret it was disabled with: "fingerprint|reason".
     disabled = record ~= false and string.match(record, '^[^|]*') == fingerprint,
   }
@@ -162,7 +178,7 @@ local function remaining(k)
 end
 
 -- (c) select the key
-local cursor = tonumber(redis.call('HGET', day_map, 'rr') or '0')
+local cursor = tonumber(got[6 * n + 1] or '0') -- read with the keys' fields
 local best, best_remaining, retry_at = nil, -1, nil
 for j = 0, n - 1 do
   local i = j
