@@ -42,19 +42,19 @@ class JsonLines(logging.Formatter):
         return self.stamp(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.stamp(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name, value in record.__dict__.items():
-            if name not in _STANDARD_ATTRS:
-                entry[name] = value
+        fields = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
         if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
+            fields["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
-            entry["stack_info"] = self.formatStack(record.stack_info)
+            fields["stack_info"] = self.formatStack(record.stack_info)
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), fields)
+
+    def line(
+        self, created: float, level: str, name: str, message: str, fields: dict[str, Any]
+    ) -> str:
+        """The JSON line of a record, or of a ``FieldLog`` event (no record built)."""
+        entry = {"time": self.stamp(created), "level": level, "logger": name, "message": message}
+        entry.update(fields)
         return _dumps(entry)
 
 
@@ -86,14 +86,7 @@ class JsonLinesHandler(logging.StreamHandler[TextIO]):
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def write_line(self, name: str, level: str, message: str, fields: dict[str, Any]) -> None:
-        entry = {
-            "time": self.formatter.stamp(time.time()),
-            "level": level,
-            "logger": name,
-            "message": message,
-        }
-        entry.update(fields)
-        line = _dumps(entry) + self.terminator
+        line = self.formatter.line(time.time(), level, name, message, fields) + self.terminator
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
             pending = self._pending
             pending.append(line)

@@ -302,7 +302,6 @@ class Proxy:
         self._calendar = QuotaCalendar(self._tz, self._reset)
         self._lowest = LowestSeen()
         self._urls: dict[tuple[str, bool, str], URL | None] = {}
-        self._running_loop: asyncio.AbstractEventLoop | None = None
         self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -378,12 +377,14 @@ class Proxy:
 
     async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         trace = Trace(request_id_of(request), time.monotonic())
+        task = asyncio.current_task()  # the handler's: a Deadline cancels it
+        assert task is not None  # aiohttp runs every handler in a task
         self.metrics.inflight.inc()
         try:
             trace.client = self.auth.authenticate(request.headers)
             call = parse_call(await self._read_body(request), endpoint, trace, request.headers)
             trace.model = self._model_label(call.model)
-            response = await self._forward(request, call)
+            response = await self._forward(request, call, task)
             trace.status = response.status
             return response
         except RouterError as exc:
@@ -395,13 +396,7 @@ class Proxy:
             self.metrics.inflight.dec()
             # Once this step of the task is over, i.e. after aiohttp has written the answer:
             # the access line and the metrics are off the client's critical path.
-            self._loop().call_soon(self._record, trace)
-
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._running_loop
-        if loop is None:  # the first request: the loop this Proxy (its Runtime) serves on
-            loop = self._running_loop = asyncio.get_running_loop()
-        return loop
+            task.get_loop().call_soon(self._record, trace)
 
     def _record(self, trace: Trace) -> None:
         total = time.monotonic() - trace.started
@@ -459,7 +454,9 @@ class Proxy:
 
     # -- the failover loop ------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, call: Call, task: asyncio.Task[Any]
+    ) -> web.StreamResponse:
         client = call.trace.client
         if not self.policy.allows_model(client, call.model):
             raise Forbidden(
@@ -482,8 +479,6 @@ class Proxy:
                 code="paid_provider_not_allowed",
                 param="model",
             )
-        task = asyncio.current_task()
-        assert task is not None  # aiohttp runs every handler in a task
         deadline = time.monotonic() + self.settings.retry.deadline_seconds
         progress = _Progress(deadline=deadline, task=task)
         for index, route in enumerate(routes):

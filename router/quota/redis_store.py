@@ -38,7 +38,7 @@ DAY_MS = 86_400_000
 # Small enough that a hung Redis fails a request fast (503, or the local allowance with
 # store.on_error: fail_open), large enough for any script of ours on a loaded server.
 SOCKET_TIMEOUT_S = 2.0
-# Pre-encoded reserve and settle commands kept (a few per provider, model, client and day).
+# Pre-encoded reserve commands kept (a few per provider, model, client and day).
 FRAMES_MAX = 1024
 
 
@@ -225,7 +225,6 @@ class RedisStore:
         self._reserve_lua = LaneScript(_lua("reserve.lua"))
         self._settle_lua = LaneScript(_lua("settle.lua"))
         self._reserve_frames: dict[tuple[Any, ...], _ReserveFrame] = {}
-        self._settle_keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -237,15 +236,12 @@ class RedisStore:
             k.clients_key(self._prefix, day),
         ]
 
-    def _error(self, exc: Exception) -> StoreError:
-        """The one way Redis errors become StoreError (the URL's password masked)."""
-        return StoreError(f"redis {self._where}: {type(exc).__name__}: {exc}")
-
     async def _io(self, call: Awaitable[T]) -> T:
+        """The one boundary where Redis errors (redis-py's or the lane's) become StoreError."""
         try:
             return await call
         except (RedisError, OSError) as exc:
-            raise self._error(exc) from exc
+            raise StoreError(f"redis {self._where}: {type(exc).__name__}: {exc}") from exc
 
     def _reserve_command(self, req: ReserveRequest) -> bytes:
         """EVALSHA of reserve.lua for ``req`` as RESP: ``pack`` of the keys and _reserve_args.
@@ -285,40 +281,26 @@ class RedisStore:
         )
 
     def _settle_command(self, res: Reservation, s: Settlement, now_ms: int) -> bytes:
-        """EVALSHA of settle.lua as RESP: ``pack`` of the keys and _settle_args."""
-        keys = self._settle_keys.get((res.provider, res.day))
-        if keys is None:
-            keys = ("EVALSHA", self._settle_lua.sha, "3", *self._keys(res.provider, res.day))
-            if len(self._settle_keys) >= FRAMES_MAX:
-                del self._settle_keys[next(iter(self._settle_keys))]
-            self._settle_keys[res.provider, res.day] = keys
-        return pack_fast((*keys, *_settle_args(res, s, now_ms)))
+        """EVALSHA of settle.lua as RESP (settles are rare: nothing kept between calls)."""
+        keys = self._keys(res.provider, res.day)
+        return pack_fast(("EVALSHA", self._settle_lua.sha, 3, *keys, *_settle_args(res, s, now_ms)))
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        lane = self._lane
-        if lane is None:
+        if self._lane is None:
             keys = self._keys(req.provider, req.day)
             reply = await self._io(self._reserve_script(keys=keys, args=_reserve_args(req)))
         else:
-            try:
-                reply = await lane.run(self._reserve_lua, self._reserve_command(req))
-            except (RedisError, OSError) as exc:
-                raise self._error(exc) from exc
+            reply = await self._io(self._lane.run(self._reserve_lua, self._reserve_command(req)))
         return _reserve_outcome(req, reply)
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        lane = self._lane
-        if lane is None:
+        if self._lane is None:
             keys = self._keys(res.provider, res.day)
             args = _settle_args(res, settlement, now_ms)
             reply = await self._io(self._settle_script(keys=keys, args=args))
         else:
-            try:
-                reply = await lane.run(
-                    self._settle_lua, self._settle_command(res, settlement, now_ms)
-                )
-            except (RedisError, OSError) as exc:
-                raise self._error(exc) from exc
+            command = self._settle_command(res, settlement, now_ms)
+            reply = await self._io(self._lane.run(self._settle_lua, command))
         return _settle_result(reply)
 
     async def snapshot(
