@@ -71,6 +71,10 @@ class StoreSettings(_Model):
 class QuotaSettings(_Model):
     timezone: str = "Asia/Shanghai"
     reset_time: time = time(0, 0)
+    # Make the next call's reservation while this one is served (router.quota.ahead): the
+    # store's round trip leaves the request's critical path; at most one call per route and
+    # client is counted ahead of its use on each process.
+    reserve_ahead: bool = True
 
     @field_validator("timezone")
     @classmethod
