@@ -128,9 +128,11 @@ class Verdict:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Signals:
-    """Everything a rule may look at, extracted once from the answer."""
+    """Everything a rule may look at, extracted once from the answer. Built for every
+    answer and never kept, so not frozen: a frozen dataclass pays a setattr call per field
+    (about 0.6 µs here)."""
 
     provider: ProviderType
     status: int
@@ -385,6 +387,7 @@ def _well_formed_200(headers: Mapping[str, str], body: bytes, stream: bool) -> b
 # --------------------------------------------------------------------------------------------
 
 _MESSAGE_KEYS: Final = ("message", "msg", "detail")
+_NO_CODES: Final[frozenset[str]] = frozenset()
 _CODE_KEYS: Final = ("code", "type")
 
 
@@ -485,7 +488,7 @@ def _signals(
     remaining, model_remaining = read_ratelimit_headers(headers)
     foreign = False
     if status == 200:
-        message, codes = "", frozenset[str]()
+        message, codes = "", _NO_CODES
         well_formed = _well_formed_200(headers, body, stream)
     else:
         message, codes, foreign = _parse_error_body(body)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -202,8 +202,8 @@ _IDS = RequestIds()
 
 
 def request_id_of(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else _IDS.new()
+    given = request.headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.match(given) else _IDS.new()
 
 
 class LowestSeen:
@@ -305,18 +305,20 @@ class Proxy:
         self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
+    # The endpoints hand back _handle's coroutine itself: no frame of their own to pass
+    # through at each of the request's resumptions.
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, CHAT)
+    def chat_completions(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        return self._handle(request, CHAT)
 
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, EMBEDDINGS)
+    def embeddings(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        return self._handle(request, EMBEDDINGS)
 
-    async def images(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, IMAGES)
+    def images(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        return self._handle(request, IMAGES)
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, MESSAGES)
+    def messages(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        return self._handle(request, MESSAGES)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """An allow-listed ``/v1/<path>``; anything else is 404, so this is no open proxy."""
@@ -379,7 +381,7 @@ class Proxy:
         trace = Trace(request_id_of(request), time.monotonic())
         task = asyncio.current_task()  # the handler's: a Deadline cancels it
         assert task is not None  # aiohttp runs every handler in a task
-        self.metrics.inflight.inc()
+        self.metrics.handling += 1
         try:
             trace.client = self.auth.authenticate(request.headers)
             call = parse_call(await self._read_body(request), endpoint, trace, request.headers)
@@ -393,7 +395,7 @@ class Proxy:
             exc.anthropic = endpoint.anthropic
             raise
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.handling -= 1
             # Once this step of the task is over, i.e. after aiohttp has written the answer:
             # the access line and the metrics are off the client's critical path.
             task.get_loop().call_soon(self._record, trace)
@@ -402,8 +404,8 @@ class Proxy:
         total = time.monotonic() - trace.started
         overhead = max(0.0, total - trace.upstream_s - trace.client_s)
         m = self.metrics
-        m.requests_by(trace.client, trace.model, trace.provider, str(trace.status)).inc()
-        m.request_duration_by(trace.provider).observe(total)
+        m.requests.inc(trace.client, trace.model, trace.provider, str(trace.status))
+        m.request_duration.observe(total, trace.provider)
         m.overhead.observe(overhead)
         access_log.info(
             "%s %s %s -> %s/%s attempts=%d upstream=%.1fms total=%.1fms",
@@ -638,7 +640,7 @@ class Proxy:
             deadline.cancel()
             waited = time.monotonic() - started
             call.trace.upstream_s += waited
-        self.metrics.upstream_duration_by(route.provider.name, res.key).observe(waited)
+        self.metrics.upstream_duration.observe(waited, route.provider.name, res.key)
         verdict = classify(
             route.provider.type,
             reply.status,

@@ -12,9 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 from openai import RateLimitError
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.logs import configure_logging
+from router.metrics import HotCollector, HotCounter, HotHistogram
 from router.quota_metrics import Pace, forecast_seconds
 from router.simulator import Simulator
 from tests.support import CLIENT_KEY, FakeClock, gateway
@@ -207,3 +209,41 @@ async def test_access_log_is_one_json_line_per_request(sim: Simulator, clock: Fa
     for _, secret in TOKENS:
         assert secret not in stream.getvalue()
     assert CLIENT_KEY not in stream.getvalue()
+
+
+def _exposition(
+    registry: CollectorRegistry,
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        key: v
+        for key, v in parse(generate_latest(registry).decode()).items()
+        if not key[0].endswith("_created")  # prometheus-client's own; the hot kind has none
+    }
+
+
+def test_hot_metrics_expose_what_prometheus_client_s_own_would() -> None:
+    """HotCounter and HotHistogram against prometheus-client's Counter and Histogram, fed the
+    same values (bucket edges included): the same samples, labels and values."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0, 2.5)
+    counter = HotCounter("t_requests", "doc", ["client", "status"])
+    histogram = HotHistogram("t_seconds", "doc", ["provider"], buckets)
+    bare = HotHistogram("t_bare_seconds", "doc", [], buckets)
+    ours.register(HotCollector([counter, histogram, bare]))
+    ref_counter = Counter("t_requests", "doc", ["client", "status"], registry=theirs)
+    ref_histogram = Histogram("t_seconds", "doc", ["provider"], buckets=buckets, registry=theirs)
+    ref_bare = Histogram("t_bare_seconds", "doc", buckets=buckets, registry=theirs)
+    values = [0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.5, 1.0, 2.5, 2.6, 99.0]
+    for i, v in enumerate(values):
+        provider = ("modelscope", "bailian")[i % 2]
+        histogram.observe(v, provider)
+        ref_histogram.labels(provider).observe(v)
+        bare.observe(v)
+        ref_bare.observe(v)
+        counter.inc("team", str(200 + i % 3))
+        ref_counter.labels("team", str(200 + i % 3)).inc()
+    got, want = _exposition(ours), _exposition(theirs)
+    assert got == want
+    # modelscope had 0.0, 0.001, 0.01, 1.0, 2.6: an edge value is in its own bucket
+    assert value(got, "t_seconds_bucket", provider="modelscope", le="0.001") == 2
+    assert value(got, "t_bare_seconds_bucket", le="+Inf") == len(values)
