@@ -83,6 +83,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 TASK_TTL_MS = 24 * 3600 * 1000
 URL_CACHE_MAX = 4096
+PLAN_CACHE_MAX = 4096
 
 
 @dataclass(slots=True)
@@ -302,6 +303,9 @@ class Proxy:
         self._calendar = QuotaCalendar(self._tz, self._reset)
         self._lowest = LowestSeen()
         self._urls: dict[tuple[str, bool, str], URL | None] = {}
+        # (client, endpoint, passthrough, model) -> (the catalog's model set it was made
+        # with, the routes): every client, model and endpoint check of a call, made once.
+        self._plans: dict[tuple[str, str, bool, str], tuple[frozenset[str], tuple[Route, ...]]] = {}
         self.breakers = Breakers(lambda: self.clock().timestamp())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -460,6 +464,28 @@ class Proxy:
         self, request: web.Request, call: Call, task: asyncio.Task[Any]
     ) -> web.StreamResponse:
         client = call.trace.client
+        endpoint = call.endpoint
+        plan_key = (client, endpoint.name, endpoint.passthrough, call.model)
+        plan = self._plans.get(plan_key)
+        if plan is not None and plan[0] is self.catalog.known:  # the catalog has not changed
+            routes = plan[1]
+        else:
+            routes = self._plan(call)
+            if len(self._plans) < PLAN_CACHE_MAX:  # bounded: clients choose model names
+                self._plans[plan_key] = (self.catalog.known, routes)
+        deadline = time.monotonic() + self.settings.retry.deadline_seconds
+        progress = _Progress(deadline=deadline, task=task)
+        for index, route in enumerate(routes):
+            answer = await self._try_route(request, call, route, index, progress)
+            if answer is not None:
+                return answer
+            if self._out_of_attempts(progress):
+                break
+        raise self._no_route_error(call, len(routes), progress)
+
+    def _plan(self, call: Call) -> tuple[Route, ...]:
+        """The routes a client's call may take, in order; raises when there is none."""
+        client = call.trace.client
         if not self.policy.allows_model(client, call.model):
             raise Forbidden(
                 f"The client '{client}' may not use the model '{call.model}'.",
@@ -481,15 +507,7 @@ class Proxy:
                 code="paid_provider_not_allowed",
                 param="model",
             )
-        deadline = time.monotonic() + self.settings.retry.deadline_seconds
-        progress = _Progress(deadline=deadline, task=task)
-        for index, route in enumerate(routes):
-            answer = await self._try_route(request, call, route, index, progress)
-            if answer is not None:
-                return answer
-            if self._out_of_attempts(progress):
-                break
-        raise self._no_route_error(call, len(routes), progress)
+        return routes
 
     def _routes_for(self, call: Call) -> tuple[Route, ...]:
         endpoint = call.endpoint
@@ -532,7 +550,9 @@ class Proxy:
             self._lowest.record(reservation)
             self._count_failover(progress, route)
             verdict, reply = await self._attempt(call, route, reservation, progress)
-            await self._settle(reservation, verdict)
+            settlement = settlement_for(verdict, daily_limit=reservation.daily_limit)
+            if worth_settling(settlement, *self._lowest.floors(reservation)):
+                await self._settle(reservation, settlement, verdict)
             self._tell_breaker(route, reservation.key, verdict, len(specs))
             action = verdict.action
             if action is Action.RETURN:
@@ -663,10 +683,7 @@ class Proxy:
             headers["x-api-key"] = secret  # Anthropic clients' header; Bearer is sent as well
         return headers
 
-    async def _settle(self, res: Reservation, verdict: Verdict) -> None:
-        settlement = settlement_for(verdict, daily_limit=res.daily_limit)
-        if not worth_settling(settlement, *self._lowest.floors(res)):
-            return
+    async def _settle(self, res: Reservation, settlement: Settlement, verdict: Verdict) -> None:
         try:
             result = await self.store.settle(res, settlement, to_ms(self.clock()))
         except StoreError as exc:

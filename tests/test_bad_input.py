@@ -14,15 +14,17 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from router.app import create_app
+from router.app import LIVE, create_app
 from router.config import Settings
 from router.demo import running
 from router.quota.memory_store import MemoryStore
 from router.quota.types import NoCapacity, Reservation, ReserveRequest, Settlement, SettleResult
 from router.simulator import Simulator
+from router.simulator.app import CTX
 from tests import test_gateway
 from tests.support import CLIENT_KEY, FakeClock
 from tests.test_gateway import MODEL, config_for
@@ -70,6 +72,7 @@ class Env:
     http: aiohttp.ClientSession
     sim: Simulator
     store: CountingStore
+    app: web.Application
 
     async def send(
         self,
@@ -110,7 +113,7 @@ async def environment(
         Settings.model_validate(config), clock=clock, store=store, registry=CollectorRegistry()
     )
     async with running(app) as url, aiohttp.ClientSession() as http:
-        yield Env(url, http, sim, store)
+        yield Env(url, http, sim, store, app)
 
 
 @pytest.fixture
@@ -388,3 +391,21 @@ async def test_open_gateway_serves_without_a_key(sim: Simulator, clock: FakeCloc
         openai_error(bad, 400, "invalid_request_error", "invalid_json")
         assert sim.state.stats()["calls"] == 2
         assert env.store.reserves == 2
+
+
+async def test_a_model_the_catalog_drops_is_no_longer_routed_there(env: Env) -> None:
+    """The routes of a (client, endpoint, model) are worked out once and kept until a
+    provider's model list changes: a list without the model takes its route away at once."""
+    payload = {"model": MODEL, "messages": MESSAGES}
+    before = await env.post(CHAT, payload)
+    assert before.status == 200, before.body
+    assert before.headers["x-router-provider"] == "modelscope"
+    env.sim.modelscope_app[CTX].dialect.models.remove(MODEL)  # ModelScope retires it
+    runtime = env.app[LIVE].runtime
+    assert await runtime.catalog.refresh(runtime.upstreams, runtime.pool)
+    calls = env.sim.state.stats()["calls"]
+    after = await env.post(CHAT, payload)
+    assert after.status == 200, after.body
+    assert after.headers["x-router-provider"] == "bailian"  # the paid fallback serves it
+    assert env.sim.state.stats()["calls"] == calls + 1
+    assert env.sim.state.stats("modelscope")["rejected"] == {}  # no try at ModelScope first
