@@ -18,7 +18,7 @@ from router.pool import KeyPool
 from router.quota.ahead import ReserveAhead
 from router.quota.days import quota_day, to_ms
 from router.quota.redis_store import RedisStore
-from router.quota.store import QuotaStore, StoreError
+from router.quota.store import ForwardingStore, QuotaStore, StoreError
 from router.quota.types import (
     ClientQuota,
     Cooldown,
@@ -27,7 +27,6 @@ from router.quota.types import (
     Reservation,
     ReserveRequest,
     Settlement,
-    SettleResult,
     Strategy,
 )
 from router.simulator import Simulator
@@ -35,16 +34,16 @@ from tests.redis_server import RedisServer
 from tests.support import CLIENT_KEY, gateway_config
 from tests.support import FakeClock as WallClock
 from tests.test_gateway import MODEL, TOKENS, sim_config
-from tests.test_store import DAY, NEXT_DAY, NOW, PROVIDER, key, request, usage
+from tests.test_store import DAY, NEXT_DAY, NOW, PROVIDER, _eval_calls, key, request, usage
 
 KEYS = (key("a", 1000), key("b", 1000))
 
 
-class Gate:
+class Gate(ForwardingStore):
     """A real store whose next reserve can be held back, or made to fail, once it has run."""
 
     def __init__(self, store: QuotaStore) -> None:
-        self.store = store
+        super().__init__(store)
         self.calls = 0
         self._held: asyncio.Event | None = None
         self._fail = False
@@ -70,16 +69,15 @@ class Gate:
         if self._fail:
             self._fail = False
             raise StoreError("injected")
-        got = await self.store.reserve(req)  # counted in the store now
+        got = await self.inner.reserve(req)  # counted in the store now
         if held is not None:
             await held.wait()  # ... and answered only once let go
         return got
 
-    async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        return await self.store.settle(res, settlement, now_ms)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
+def gated(store: QuotaStore, **kw: int) -> tuple[Gate, ReserveAhead]:
+    gate = Gate(store)
+    return gate, ReserveAhead(gate, **kw)
 
 
 def at_once(coro: Coroutine[Any, Any, Reservation | NoCapacity]) -> Reservation | NoCapacity:
@@ -95,8 +93,7 @@ async def used(store: QuotaStore, keys: tuple[KeySpec, ...] = KEYS, **kw: Any) -
 
 
 async def test_one_reservation_is_held_ahead_and_given_back_at_the_end(store: QuotaStore) -> None:
-    gate = Gate(store)
-    ahead = ReserveAhead(gate)  # type: ignore[arg-type]
+    gate, ahead = gated(store)
     req = request(KEYS)
     served = [await ahead.reserve(req) for _ in range(10)]
     await ahead.settled()
@@ -112,8 +109,7 @@ async def test_one_reservation_is_held_ahead_and_given_back_at_the_end(store: Qu
 async def test_a_held_reservation_is_served_without_waiting_on_the_store(
     store: QuotaStore,
 ) -> None:
-    gate = Gate(store)
-    ahead = ReserveAhead(gate)  # type: ignore[arg-type]
+    gate, ahead = gated(store)
     req = request(KEYS)
     first = await ahead.reserve(req)
     await ahead.settled()
@@ -129,8 +125,7 @@ async def test_a_held_reservation_is_served_without_waiting_on_the_store(
 
 
 async def test_a_refusal_waits_for_the_reservation_being_made(store: QuotaStore) -> None:
-    gate = Gate(store)
-    ahead = ReserveAhead(gate, min_remaining=0)  # type: ignore[arg-type]
+    gate, ahead = gated(store, min_remaining=0)
     keys = (key("a", 2),)
     req = request(keys)
     first = await ahead.reserve(req)
@@ -247,8 +242,7 @@ async def test_nothing_is_held_near_the_end_or_for_a_client_with_a_limit(
 async def test_a_failed_reservation_ahead_is_not_the_next_request_s_error(
     store: QuotaStore,
 ) -> None:
-    gate = Gate(store)
-    ahead = ReserveAhead(gate)  # type: ignore[arg-type]
+    gate, ahead = gated(store)
     req = request(KEYS)
     gate.fail_next()  # the first call's own reserve; the held one is made
     with pytest.raises(StoreError):
@@ -265,8 +259,7 @@ async def test_a_failed_reservation_ahead_is_not_the_next_request_s_error(
 
 
 async def test_release_all_waits_for_a_reservation_being_made(store: QuotaStore) -> None:
-    gate = Gate(store)
-    ahead = ReserveAhead(gate)  # type: ignore[arg-type]
+    gate, ahead = gated(store)
     await ahead.reserve(request(KEYS))
     let_go = gate.hold_next()
     await gate.until_calls(2)
@@ -279,11 +272,6 @@ async def test_release_all_waits_for_a_reservation_being_made(store: QuotaStore)
 
 
 # -- the gateway, on Redis ----------------------------------------------------------------
-
-
-async def _evals(admin: Redis) -> int:
-    stats = await admin.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha"))
 
 
 async def test_the_gateway_counts_every_call_once_with_one_round_trip_each(
@@ -319,11 +307,11 @@ async def test_the_gateway_counts_every_call_once_with_one_round_trip_each(
                 ahead = app[LIVE].runtime.ahead
                 assert ahead is not None
                 await ahead.settled()
-                before = await _evals(admin)
+                before = await _eval_calls(admin)
                 for _ in range(20):
                     await ask()
                     await ahead.settled()
-                assert await _evals(admin) - before == 20  # one round trip per request
+                assert await _eval_calls(admin) - before == 20  # one round trip per request
                 counted = await _used_on(store, settings, clock)
                 assert sum(counted.values()) == 22  # 21 served and one held for the next
             # stopped: the held reservation was given back

@@ -29,15 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.quota.store import QuotaStore
+from router.quota.store import ForwardingStore, QuotaStore
 from router.quota.types import (
-    ClientUsage,
-    FairShare,
-    KeySpec,
-    KeyUsage,
     NoCapacity,
     Reservation,
     ReserveRequest,
@@ -75,7 +70,7 @@ class _Slot:
         return task.result()
 
 
-class ReserveAhead:
+class ReserveAhead(ForwardingStore):
     """A QuotaStore that holds one reservation in advance per route (see the module)."""
 
     def __init__(
@@ -85,14 +80,14 @@ class ReserveAhead:
         max_age_ms: int = MAX_AGE_MS,
         min_remaining: int = MIN_REMAINING,
     ) -> None:
-        self.store = store
+        super().__init__(store)
         self.max_age_ms = max_age_ms
         self.min_remaining = min_remaining
         self._slots: dict[_Ident, _Slot] = {}
         self._releasing: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"ReserveAhead({self.store!r})"
+        return f"ReserveAhead({self.inner!r})"
 
     def held(self) -> Counter[tuple[str, str]]:
         """Reservations held now, per (provider, key): counted in the store, not yet used."""
@@ -124,7 +119,7 @@ class ReserveAhead:
                     self._start(ident, req)
                 return ready
             slot = None
-        got = await self.store.reserve(req)
+        got = await self.inner.reserve(req)
         if isinstance(got, Reservation):
             if ident not in self._slots and self._worth_holding(req, got):
                 self._start(ident, req)
@@ -165,7 +160,7 @@ class ReserveAhead:
 
     def _launch(self, ident: _Ident, slot: _Slot) -> asyncio.Task[Reservation | NoCapacity]:
         if slot.task is None:
-            slot.task = asyncio.ensure_future(self.store.reserve(slot.req))
+            slot.task = asyncio.ensure_future(self.inner.reserve(slot.req))
             slot.task.add_done_callback(lambda _: self._landed(ident, slot))
         return slot.task
 
@@ -205,7 +200,7 @@ class ReserveAhead:
 
     async def _give_back(self, res: Reservation) -> None:
         try:
-            await self.store.settle(res, RELEASE, 0)
+            await self.inner.settle(res, RELEASE, 0)
         except Exception as exc:  # a store error: the call stays counted, never counted twice
             log.warning(
                 "could not give back a reservation held for %s/%s: %s", res.provider, res.key, exc
@@ -247,54 +242,23 @@ class ReserveAhead:
         while self._releasing:
             await asyncio.wait(list(self._releasing))
 
-    # -- the rest of QuotaStore: the store's own, and what makes a held slot stale ----------
+    # -- what makes a held slot stale (the rest goes to the store as it is) ---------------
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        result = await self.store.settle(res, settlement, now_ms)
+        result = await self.inner.settle(res, settlement, now_ms)
         if settlement.cooldown or settlement.exhaust or settlement.disable_reason:
             self._drop(res.provider, res.key)
         return result
 
-    async def snapshot(
-        self,
-        provider: str,
-        keys: Sequence[KeySpec],
-        day: str,
-        now_ms: int,
-        model_limits: Mapping[str, int] | None = None,
-    ) -> list[KeyUsage]:
-        return await self.store.snapshot(provider, keys, day, now_ms, model_limits)
-
-    async def enable(self, provider: str, key: str) -> None:
-        await self.store.enable(provider, key)
-
     async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
-        changed = await self.store.disable(provider, key, fingerprint, reason)
+        changed = await self.inner.disable(provider, key, fingerprint, reason)
         self._drop(provider, key)
         return changed
 
     async def reset_key(self, provider: str, key: str, day: str) -> None:
-        await self.store.reset_key(provider, key, day)
+        await self.inner.reset_key(provider, key, day)
         # The reset forgot the held calls' counts with the rest: dropped, not given back.
         self._drop(provider, key, release=False)
-
-    async def client_usage(
-        self,
-        day: str,
-        clients: Sequence[str],
-        free: Mapping[str, FairShare] | None = None,
-        now_ms: int | None = None,
-    ) -> list[ClientUsage]:
-        return await self.store.client_usage(day, clients, free, now_ms)
-
-    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
-        await self.store.remember_task(task_id, value, ttl_ms)
-
-    async def recall_task(self, task_id: str) -> str | None:
-        return await self.store.recall_task(task_id)
-
-    async def ping(self) -> None:
-        await self.store.ping()
 
     async def aclose(self) -> None:
         """Give back what is held; the wrapped store is its owner's to close."""

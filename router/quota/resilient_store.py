@@ -64,12 +64,8 @@ from router.quota import keys as k
 from router.quota.days import wall_clock_ms
 from router.quota.memory_store import MemoryStore
 from router.quota.redis_store import DayDeltas, RedisStore
-from router.quota.store import StoreError
+from router.quota.store import ForwardingStore, StoreError
 from router.quota.types import (
-    ClientUsage,
-    FairShare,
-    KeySpec,
-    KeyUsage,
     NoCapacity,
     Refusal,
     Reservation,
@@ -168,8 +164,10 @@ class _Outage:
     reserved: int = 0  # calls served from the allowance (for the log)
 
 
-class ResilientStore:
-    """A QuotaStore over a RedisStore that falls back to a local allowance (see the module)."""
+class ResilientStore(ForwardingStore):
+    """A QuotaStore over a RedisStore that falls back to a local allowance (see the module).
+    What it does not override goes to the primary: admin, metrics and tasks see the shared
+    truth."""
 
     def __init__(
         self,
@@ -181,6 +179,7 @@ class ResilientStore:
         probe_s: float = PROBE_SECONDS,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
+        super().__init__(primary)
         self.primary = primary
         self.replica_id = (
             replica_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -265,46 +264,6 @@ class ResilientStore:
         if settlement.release and record_release:
             outage.ledger.add(counted, -1)
         return result
-
-    # -- the rest goes to the primary: admin, metrics and tasks see the shared truth -------------
-
-    async def snapshot(
-        self,
-        provider: str,
-        keys: Sequence[KeySpec],
-        day: str,
-        now_ms: int,
-        model_limits: Mapping[str, int] | None = None,
-    ) -> list[KeyUsage]:
-        return await self.primary.snapshot(provider, keys, day, now_ms, model_limits)
-
-    async def enable(self, provider: str, key: str) -> None:
-        await self.primary.enable(provider, key)
-
-    async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
-        return await self.primary.disable(provider, key, fingerprint, reason)
-
-    async def reset_key(self, provider: str, key: str, day: str) -> None:
-        await self.primary.reset_key(provider, key, day)
-
-    async def client_usage(
-        self,
-        day: str,
-        clients: Sequence[str],
-        free: Mapping[str, FairShare] | None = None,
-        now_ms: int | None = None,
-    ) -> list[ClientUsage]:
-        return await self.primary.client_usage(day, clients, free, now_ms)
-
-    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
-        await self.primary.remember_task(task_id, value, ttl_ms)
-
-    async def recall_task(self, task_id: str) -> str | None:
-        return await self.primary.recall_task(task_id)
-
-    async def ping(self) -> None:
-        """The primary's reachability (readiness and metrics report the truth)."""
-        await self.primary.ping()
 
     async def aclose(self) -> None:
         probe, self._probe = self._probe, None

@@ -84,3 +84,57 @@ class QuotaStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class ForwardingStore:
+    """A QuotaStore that hands every call to ``inner``: the base of the wrappers
+    (ResilientStore, ReserveAhead), which override only what they change."""
+
+    def __init__(self, inner: QuotaStore) -> None:
+        self.inner = inner
+
+    async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
+        return await self.inner.reserve(req)
+
+    async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
+        return await self.inner.settle(res, settlement, now_ms)
+
+    async def snapshot(
+        self,
+        provider: str,
+        keys: Sequence[KeySpec],
+        day: str,
+        now_ms: int,
+        model_limits: Mapping[str, int] | None = None,
+    ) -> list[KeyUsage]:
+        return await self.inner.snapshot(provider, keys, day, now_ms, model_limits)
+
+    async def enable(self, provider: str, key: str) -> None:
+        await self.inner.enable(provider, key)
+
+    async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
+        return await self.inner.disable(provider, key, fingerprint, reason)
+
+    async def reset_key(self, provider: str, key: str, day: str) -> None:
+        await self.inner.reset_key(provider, key, day)
+
+    async def client_usage(
+        self,
+        day: str,
+        clients: Sequence[str],
+        free: Mapping[str, FairShare] | None = None,
+        now_ms: int | None = None,
+    ) -> list[ClientUsage]:
+        return await self.inner.client_usage(day, clients, free, now_ms)
+
+    async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
+        await self.inner.remember_task(task_id, value, ttl_ms)
+
+    async def recall_task(self, task_id: str) -> str | None:
+        return await self.inner.recall_task(task_id)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
