@@ -262,3 +262,27 @@ async def test_a_thousand_aborted_streams_leave_no_task_connection_or_fd_behind(
         f"\n{total} aborts in {aborted:.1f} s: tasks {tasks} -> {after_tasks}, "
         f"fds {fds} -> {after_fds}, counted {sum(used.values())}"
     )
+
+
+async def test_stream_chunks_reach_the_client_while_the_upstream_is_still_sending(
+    clock: FakeClock,
+) -> None:
+    """No buffering: with the upstream sending a chunk every 100 ms, each chunk but the last
+    is at the client while the upstream is still at work (a gateway that held the stream back
+    would hand it all over once the upstream had finished)."""
+    chunks = 5
+    async with (
+        slow_sim(clock, chunks=chunks, delay_ms=100) as sim,
+        in_process_gateway(sim, clock) as gw,
+        aiohttp.ClientSession() as http,
+        http.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=AUTH) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events, while_upstream_busy = 0, 0
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                events += 1
+                while_upstream_busy += sim_inflight(sim) == 1
+        assert events >= chunks
+        assert while_upstream_busy >= chunks - 1
