@@ -104,6 +104,11 @@ async def test_one_reservation_is_held_ahead_and_given_back_at_the_end(store: Qu
     await ahead.release_all()
     assert sum((await used(store)).values()) == 10  # exactly the calls served
     assert not ahead.held()
+    late = await ahead.reserve(req)  # a request still running after the stop
+    await ahead.settled()
+    assert isinstance(late, Reservation)
+    assert not ahead.held()  # nothing held once released: nothing left behind
+    assert sum((await used(store)).values()) == 11
 
 
 async def test_a_held_reservation_is_served_without_waiting_on_the_store(

@@ -85,6 +85,7 @@ class ReserveAhead(ForwardingStore):
         self.min_remaining = min_remaining
         self._slots: dict[_Ident, _Slot] = {}
         self._releasing: set[asyncio.Task[None]] = set()
+        self._closed = False  # after release_all: a request still running holds nothing more
 
     def __repr__(self) -> str:
         return f"ReserveAhead({self.inner!r})"
@@ -152,6 +153,8 @@ class ReserveAhead(ForwardingStore):
         )
 
     def _start(self, ident: _Ident, req: ReserveRequest) -> None:
+        if self._closed:
+            return
         slot = _Slot(req)
         self._slots[ident] = slot
         # Launched on the loop's next turn: after this request's own upstream call has gone
@@ -232,7 +235,9 @@ class ReserveAhead(ForwardingStore):
                     self._release(got)
 
     async def release_all(self) -> None:
-        """Give back every reservation held (when the runtime stops: shutdown or reload)."""
+        """Give back every reservation held (when the runtime stops: shutdown or reload);
+        from then on nothing is held (a request past the stop's grace reserves for itself)."""
+        self._closed = True
         slots, self._slots = self._slots, {}
         for ident, slot in slots.items():
             await self._made(ident, slot)
