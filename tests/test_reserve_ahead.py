@@ -263,6 +263,25 @@ async def test_a_failed_reservation_ahead_is_not_the_next_request_s_error(
     assert sum((await used(store)).values()) == 2
 
 
+async def after_queued_callbacks() -> None:
+    """Return once every callback already queued on the loop has run."""
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+    loop.call_soon(turn.set_result, None)
+    await turn
+
+
+async def test_a_slot_not_yet_launched_at_the_stop_is_never_made(store: QuotaStore) -> None:
+    gate, ahead = gated(store)
+    first = await ahead.reserve(request(KEYS))  # its successor's launch is queued, not run
+    assert isinstance(first, Reservation)
+    await ahead.release_all()
+    await after_queued_callbacks()  # the queued launch has had its turn
+    await ahead.settled()
+    assert gate.calls == 1  # nothing reserved at the stop only to be given back
+    assert sum((await used(store)).values()) == 1
+
+
 async def test_release_all_waits_for_a_reservation_being_made(store: QuotaStore) -> None:
     gate, ahead = gated(store)
     await ahead.reserve(request(KEYS))

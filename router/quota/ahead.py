@@ -161,8 +161,9 @@ class ReserveAhead(ForwardingStore):
         # out (aiohttp writes a body from a task of its own), not in front of it.
         asyncio.get_running_loop().call_soon(self._launch, ident, slot)
 
-    def _launch(self, ident: _Ident, slot: _Slot) -> asyncio.Task[Reservation | NoCapacity]:
-        if slot.task is None:
+    def _launch(self, ident: _Ident, slot: _Slot) -> asyncio.Task[Reservation | NoCapacity] | None:
+        # A slot given up before its turn came (release_all) is never made.
+        if slot.task is None and self._slots.get(ident) is slot:
             slot.task = asyncio.ensure_future(self.inner.reserve(slot.req))
             slot.task.add_done_callback(lambda _: self._landed(ident, slot))
         return slot.task
@@ -180,7 +181,9 @@ class ReserveAhead(ForwardingStore):
             self._release(got)
 
     async def _made(self, ident: _Ident, slot: _Slot) -> None:
-        await asyncio.wait((self._launch(ident, slot),))  # launched now if not yet
+        task = self._launch(ident, slot)  # launched now if not yet
+        if task is not None:
+            await asyncio.wait((task,))
 
     def _usable(self, slot: _Slot, req: ReserveRequest) -> Reservation | None:
         """The slot's reservation if it may serve ``req``; a stale one is given back."""
@@ -203,7 +206,7 @@ class ReserveAhead(ForwardingStore):
 
     async def _give_back(self, res: Reservation) -> None:
         try:
-            await self.inner.settle(res, RELEASE, 0)
+            await self.inner.settle(res, RELEASE, 0)  # a release alone reads no clock
         except Exception as exc:  # a store error: the call stays counted, never counted twice
             log.warning(
                 "could not give back a reservation held for %s/%s: %s", res.provider, res.key, exc
@@ -239,8 +242,10 @@ class ReserveAhead(ForwardingStore):
         from then on nothing is held (a request past the stop's grace reserves for itself)."""
         self._closed = True
         slots, self._slots = self._slots, {}
-        for ident, slot in slots.items():
-            await self._made(ident, slot)
+        for slot in slots.values():
+            if slot.task is None:
+                continue  # not launched yet: now it never will be
+            await asyncio.wait((slot.task,))
             got = slot.ready()
             if isinstance(got, Reservation):
                 self._release(got)
