@@ -36,9 +36,9 @@ from router.quota.types import (
     NoCapacity,
     Reservation,
     ReserveRequest,
+    RouteIdent,
     Settlement,
     SettleResult,
-    Strategy,
 )
 
 log = logging.getLogger("router.quota.ahead")
@@ -49,11 +49,6 @@ MAX_AGE_MS = 30_000
 # the way of another's.
 MIN_REMAINING = 100
 RELEASE = Settlement(release=True)
-
-# (provider, model, id(keys), strategy, id(client)): the request path passes the same cached
-# keys tuple and ClientQuota for a route (KeyPool.specs, ClientPolicy.quota_for), so ids
-# name them without hashing every KeySpec; a slot also keeps the objects and checks them.
-_Ident = tuple[str, str, int, Strategy, int]
 
 
 @dataclass(slots=True)
@@ -83,7 +78,7 @@ class ReserveAhead(ForwardingStore):
         super().__init__(store)
         self.max_age_ms = max_age_ms
         self.min_remaining = min_remaining
-        self._slots: dict[_Ident, _Slot] = {}
+        self._slots: dict[RouteIdent, _Slot] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         self._closed = False  # after release_all: a request still running holds nothing more
 
@@ -106,11 +101,9 @@ class ReserveAhead(ForwardingStore):
             await asyncio.wait(list(self._releasing))
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        ident = (req.provider, req.model, id(req.keys), req.strategy, id(req.client))
+        ident = req.route()
         slot = self._slots.get(ident)
-        if slot is not None and (
-            slot.req.keys is not req.keys or slot.req.client is not req.client
-        ):
+        if slot is not None and not slot.req.same_route(req):
             slot = None  # an id reused by another object: never this route's
         if slot is not None and slot.task is not None and slot.task.done():
             del self._slots[ident]
@@ -127,11 +120,7 @@ class ReserveAhead(ForwardingStore):
             return got
         # Refused: a reservation being made for this route is this request's, not a refusal.
         pending = self._slots.get(ident)
-        if (
-            pending is None
-            or pending.req.keys is not req.keys
-            or pending.req.client is not req.client
-        ):
+        if pending is None or not pending.req.same_route(req):
             return got
         await self._made(ident, pending)
         if self._slots.get(ident) is not pending:
@@ -152,7 +141,7 @@ class ReserveAhead(ForwardingStore):
             res.model_remaining is None or res.model_remaining >= least
         )
 
-    def _start(self, ident: _Ident, req: ReserveRequest) -> None:
+    def _start(self, ident: RouteIdent, req: ReserveRequest) -> None:
         if self._closed:
             return
         slot = _Slot(req)
@@ -161,14 +150,16 @@ class ReserveAhead(ForwardingStore):
         # out (aiohttp writes a body from a task of its own), not in front of it.
         asyncio.get_running_loop().call_soon(self._launch, ident, slot)
 
-    def _launch(self, ident: _Ident, slot: _Slot) -> asyncio.Task[Reservation | NoCapacity] | None:
+    def _launch(
+        self, ident: RouteIdent, slot: _Slot
+    ) -> asyncio.Task[Reservation | NoCapacity] | None:
         # A slot given up before its turn came (release_all) is never made.
         if slot.task is None and self._slots.get(ident) is slot:
             slot.task = asyncio.ensure_future(self.inner.reserve(slot.req))
             slot.task.add_done_callback(lambda _: self._landed(ident, slot))
         return slot.task
 
-    def _landed(self, ident: _Ident, slot: _Slot) -> None:
+    def _landed(self, ident: RouteIdent, slot: _Slot) -> None:
         got = slot.ready()  # also marks a failure as retrieved: its StoreError reaches the
         # next request through that request's own reserve, not "never retrieved" at exit
         if (
@@ -180,7 +171,7 @@ class ReserveAhead(ForwardingStore):
             del self._slots[ident]
             self._release(got)
 
-    async def _made(self, ident: _Ident, slot: _Slot) -> None:
+    async def _made(self, ident: RouteIdent, slot: _Slot) -> None:
         task = self._launch(ident, slot)  # launched now if not yet
         if task is not None:
             await asyncio.wait((task,))

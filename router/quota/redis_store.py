@@ -19,7 +19,6 @@ from router.quota.days import wall_clock_ms
 from router.quota.redis_lane import LaneScript, ScriptLane, bulks, pack_fast
 from router.quota.store import StoreError
 from router.quota.types import (
-    ClientQuota,
     ClientUsage,
     FairShare,
     KeySpec,
@@ -28,6 +27,7 @@ from router.quota.types import (
     Refusal,
     Reservation,
     ReserveRequest,
+    RouteIdent,
     Settlement,
     SettleResult,
 )
@@ -129,8 +129,7 @@ def _reserve_outcome(req: ReserveRequest, reply: Sequence[Any]) -> Reservation |
 class _ReserveFrame(NamedTuple):
     """A reserve EVALSHA encoded but for now_ms and day_end_ms (RedisStore._reserve_command)."""
 
-    keys: tuple[KeySpec, ...]  # held, so their ids stay theirs while cached
-    client: ClientQuota | None
+    req: ReserveRequest  # the one it was made for: its keys and client keep their ids
     head: bytes  # *N, EVALSHA, sha, 3, the three keys, model, strategy
     tail: bytes  # every argument after day_end_ms
 
@@ -224,7 +223,7 @@ class RedisStore:
         self._lane = ScriptLane.for_client(self._client, timeout=socket_timeout)
         self._reserve_lua = LaneScript(_lua("reserve.lua"))
         self._settle_lua = LaneScript(_lua("settle.lua"))
-        self._reserve_frames: dict[tuple[Any, ...], _ReserveFrame] = {}
+        self._reserve_frames: dict[tuple[RouteIdent, str], _ReserveFrame] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -246,14 +245,13 @@ class RedisStore:
     def _reserve_command(self, req: ReserveRequest) -> bytes:
         """EVALSHA of reserve.lua for ``req`` as RESP: ``pack`` of the keys and _reserve_args.
 
-        Only now_ms and day_end_ms change between the requests of one (provider, model,
-        strategy, day, keys, client); callers reuse the same keys tuple and ClientQuota
-        (router/pool.py, router/clients.py), so the rest is encoded once, by identity.
+        Only now_ms and day_end_ms change between the requests of one route and day
+        (``ReserveRequest.route``), so the rest is encoded once.
         """
         frames = self._reserve_frames
-        ident = (req.provider, req.model, req.strategy, req.day, id(req.keys), id(req.client))
+        ident = (req.route(), req.day)
         frame = frames.get(ident)
-        if frame is None or frame.keys is not req.keys or frame.client is not req.client:
+        if frame is None or not frame.req.same_route(req):
             args = _reserve_args(req)
             head: tuple[str | int, ...] = (
                 "EVALSHA",
@@ -262,8 +260,7 @@ class RedisStore:
                 *self._keys(req.provider, req.day),
             )
             frame = _ReserveFrame(
-                req.keys,
-                req.client,
+                req,
                 b"*%d\r\n%s" % (len(head) + len(args), bulks(*head, *args[:2])),
                 bulks(*args[4:]),
             )
