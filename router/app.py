@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from yarl import URL
 
 from router.admin import add_admin_routes
 from router.auth import matches, presented_key
@@ -30,9 +31,10 @@ from router.errors import (
 )
 from router.logs import flush_logs, quiet_parser_errors
 from router.metrics import Metrics
-from router.quota.days import utc_now
+from router.proxy import request_id_of
+from router.quota.days import next_reset, quota_day, to_ms, utc_now
 from router.quota.factory import open_store
-from router.quota.store import QuotaStore, StoreError
+from router.quota.store import QuotaStore, StoreError, probe_reservation
 from router.runtime import Runtime
 
 log = logging.getLogger("router.app")
@@ -90,42 +92,113 @@ CLOSE_TIMEOUT_SECONDS = 1.0
 
 
 def error_middleware(inflight: InFlight) -> Middleware:
-    """Every error leaves as OpenAI's error shape; nothing leaves as a stack trace. The handler
-    is also tracked in ``inflight`` for the shutdown: one middleware, not two, since each
-    layer costs every request a coroutine and a frame on every resume."""
+    """Every error leaves as OpenAI's error shape (Anthropic's on its API); nothing leaves as a
+    stack trace; every answer carries ``x-request-id``. A path mangled by a client's base URL
+    is served as the path it meant (``mended_path``). The handler is also tracked in
+    ``inflight`` for the shutdown: one middleware, not several, since each layer costs every
+    request a coroutine and a frame on every resume."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         task = asyncio.current_task()  # the handler's (request.task is the connection's)
         assert task is not None  # aiohttp runs every handler in a task
         inflight.enter(task)
+        error: RouterError
         try:
-            return await handler(request)
+            if _maybe_mangled(request.rel_url.raw_path):
+                request, handler = await _mended(request, handler)
+            response = await handler(request)
+            if "x-request-id" not in response.headers and not response.prepared:
+                response.headers["x-request-id"] = request_id_of(request)
+            return response
         except RouterError as exc:
-            return exc.to_response()
+            error = exc
         except web.HTTPRequestEntityTooLarge:
             limit = request.app[SETTINGS].server.max_body_bytes
-            return BodyTooLarge(f"The request body is larger than {limit} bytes.").to_response()
+            error = BodyTooLarge(f"The request body is larger than {limit} bytes.")
         except web.HTTPNotFound:
-            return NotFound(f"No route for {request.method} {request.path}.").to_response()
+            error = NotFound(f"No route for {request.method} {request.path}.")
         except web.HTTPMethodNotAllowed:
-            return MethodNotAllowed(
-                f"{request.method} is not allowed on {request.path}."
-            ).to_response()
-        except web.HTTPException:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}.")
+        except web.HTTPException as exc:
+            if "x-request-id" not in exc.headers:
+                exc.headers["x-request-id"] = request_id_of(request)
             raise
         except ConnectionResetError:  # the client left mid-body (an admin POST): not our fault
-            return BadRequest(
+            error = BadRequest(
                 "The connection closed before the whole request body arrived.",
                 code="incomplete_body",
-            ).to_response()
+            )
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path)
-            return RouterError("Internal error in the gateway.").to_response()
+            error = RouterError("Internal error in the gateway.")
         finally:
             inflight.leave(task)
+        return _error_response(request, error)
 
     return middleware
+
+
+def _error_response(request: web.Request, error: RouterError) -> web.Response:
+    """``error`` in its API's shape, with the request's id (the proxy's, when it named one)."""
+    if _is_anthropic(request.path):  # every answer on Anthropic's paths, a 405 included
+        error.anthropic = True
+    if "x-request-id" in error.headers:
+        return error.to_response()
+    return error.to_response({"x-request-id": request_id_of(request)})
+
+
+def _is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# -- paths as clients mangle them ----------------------------------------------------------------
+# A base URL with /v1 where the client appends /v1 itself (the anthropic SDK: /v1/v1/messages),
+# doubled slashes (a base URL ending in one: //v1//chat/completions), a trailing slash
+# (/v1/models/): each is served as the path it meant. Not a redirect: a client sends a POST
+# body again only on a 307/308, and many follow no redirect at all. The path is rewritten
+# before routing and never decoded: a dot segment or any percent-escape (an encoded slash or
+# dot) leaves the path as it came, refused as before (404, or the passthrough's own check in
+# router.proxy).
+
+
+def _maybe_mangled(raw_path: str) -> bool:
+    """A cheap first look, on every request: could ``mended_path`` change this path?"""
+    return "//" in raw_path or raw_path.startswith("/v1/v1") or raw_path[-1:] == "/"
+
+
+def mended_path(raw_path: str) -> str | None:
+    """The path a mangled raw path meant; None when there is nothing (safe) to mend."""
+    if not raw_path.startswith("/"):
+        return None
+    segments = [segment for segment in raw_path.split("/") if segment]
+    if any(segment in (".", "..") or "%" in segment or "\\" in segment for segment in segments):
+        return None
+    while segments[:2] == ["v1", "v1"]:
+        del segments[0]
+    mended = "/" + "/".join(segments)
+    return None if mended == raw_path else mended
+
+
+async def _mended(request: web.Request, handler: Handler) -> tuple[web.Request, Handler]:
+    """The request on its mended path, routed again, and that route's handler (the same
+    request and handler when there is nothing to mend). The body is not read yet: it goes on
+    with the new request."""
+    url = request.rel_url
+    path = mended_path(url.raw_path)
+    if path is None:
+        return request, handler
+    mended = request.clone(
+        rel_url=URL.build(
+            path=path, query_string=url.raw_query_string, fragment=url.raw_fragment, encoded=True
+        )
+    )
+    match_info = await request.app.router.resolve(mended)
+    match_info.add_app(request.app)
+    match_info.freeze()
+    mended._match_info = match_info
+    # The route's own handler: this is the app's only middleware, so nothing is skipped.
+    return mended, match_info.handler
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -144,10 +217,17 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         return ShuttingDown("The gateway is shutting down.").to_response()
+    runtime = request.app[LIVE].runtime
+    quota = runtime.settings.quota
+    now = runtime.clock()
+    day = quota_day(now, quota.tz, quota.reset_time)
+    day_end_ms = to_ms(next_reset(now, quota.tz, quota.reset_time))
     try:
-        await request.app[STORE].ping()
+        # Ready means a reservation can be made, not merely that the store answers a ping: a
+        # read-only or full Redis answers PING and refuses every reservation.
+        await probe_reservation(request.app[STORE], day, to_ms(now), day_end_ms)
     except StoreError:
-        return StoreUnavailable("The quota store is unreachable.").to_response()
+        return StoreUnavailable("The quota store cannot make a reservation.").to_response()
     return web.json_response({"status": "ready"})
 
 

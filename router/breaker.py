@@ -1,21 +1,40 @@
-"""Provider breakers: when several keys of one provider fail alike, stop asking it for a while.
+"""Provider breakers: stop asking a provider for a while, but only when the provider is down.
 
 A provider-wide fault (an outage answering 5xx, a connection that cannot be made, an HTML page
 from a WAF, an IP-wide throttle) looks the same on every key. Met key by key, it would cool
 every key in turn, doubling each cooldown, and spend attempts on keys that cannot answer. The
-breaker notices the pattern instead: ``trip_keys`` distinct keys (or every key of a smaller
-provider) failing with the same signature within ``window_s`` opens it for ``open_s``. While it
-is open the request path skips the provider as if every key were cooling, and no key's state
-is touched. A re-trip doubles the open time, up to ``max_open_s``; a success closes it.
+breaker notices the pattern instead and opens for ``open_s``; while it is open the request path
+skips the provider as if every key were cooling, and no key's state is touched.
 
-Breakers are keyed like the cooldowns they stand in for (``router.classify``):
+The rule. Within ``window_s`` (10 s), the breaker opens only when both hold:
 
-- UPSTREAM_FAILURE cools a whole key, so its breaker is per provider;
-- THROTTLED cools a key for one model, so its breaker is per provider and model.
+- failures with one signature came from at least ``trip_keys`` distinct keys (3; every key
+  of a provider with fewer), and
+- no success at all came from the provider (for a throttle breaker: from the provider for
+  that model) in the window.
 
-Once the open time has passed the breaker is half-open: requests go through, and the first
-failure with the signature within ``window_s`` opens it again (for twice as long). A provider
-with a single key has no breaker: that key's own cooldown already is the provider's.
+Any success closes the breaker and resets its evidence (the failures and the doubling). So a
+partly failing provider keeps serving on its healthy keys: the keys that fail alone cool down
+alone (their own cooldowns, ``router.classify``), and their failures, however many, never stop
+the keys that answer. A whole-provider outage still opens it: at the third failing key when
+nothing succeeded lately, else at the first failure once the last success is more than
+``window_s`` old (until then the failing keys cool one by one, as without a breaker). The
+evidence is what has answered so far: when failing keys answer before a healthy key's first
+success (a burst right after a quiet spell), the breaker may open, and that success, arriving,
+closes it at once.
+
+A re-trip doubles the open time, up to ``max_open_s``. Breakers are keyed like the cooldowns
+they stand in for (``router.classify``):
+
+- UPSTREAM_FAILURE cools a whole key, so its breaker is per provider, and a success on any
+  model of the provider counts against it;
+- THROTTLED cools a key for one model, so its breaker is per provider and model, and only a
+  success on that model counts against it.
+
+Once the open time has passed the breaker is half-open: requests go through, the first success
+closes it, and the first failure with the signature within ``window_s`` opens it again (for
+twice as long). A provider with a single key has no breaker: that key's own cooldown already
+is the provider's.
 
 Pure: no I/O, time from an injected clock (Unix seconds, the gateway's clock).
 """
@@ -46,7 +65,7 @@ SIGNATURES: Final = {
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
     trip_keys: int = 3  # distinct keys failing alike ...
-    window_s: float = 10.0  # ... within this many seconds open the breaker ...
+    window_s: float = 10.0  # ... within this many seconds, and no success in them, open it ...
     open_s: float = 15.0  # ... for this long, doubling on each re-trip ...
     max_open_s: float = 300.0  # ... up to this
     min_keys: int = 2  # a provider with fewer keys has no breaker
@@ -86,6 +105,8 @@ class Breakers:
         self._clock = clock
         self.policy = policy
         self._circuits: dict[tuple[str, str | None, Signature], _Circuit] = {}
+        # (provider, None) -> the provider's last success, (provider, model) -> for the model
+        self._served: dict[tuple[str, str | None], float] = {}
 
     def blocking(self, provider: str, model: str) -> Open | None:
         """The open breaker that stops ``provider`` from serving ``model`` now, if any."""
@@ -106,12 +127,12 @@ class Breakers:
     ) -> Open | None:
         """What an answer of ``key`` (one of ``keys``) says; the breaker it opened, if one did.
 
-        OK closes the provider's breakers for ``model``; an outcome with a provider-wide
-        signature counts towards one; every other outcome is about the key or the model and
-        changes nothing here.
+        OK closes the provider's breakers for ``model`` and keeps them from opening for
+        ``window_s``; an outcome with a provider-wide signature counts towards one; every other
+        outcome is about the key or the model and changes nothing here.
         """
         if outcome is Outcome.OK:
-            self._close(provider, model)
+            self._succeeded(provider, model)
             return None
         signature = SIGNATURES.get(outcome)
         if signature is None or keys < self.policy.min_keys:
@@ -119,11 +140,30 @@ class Breakers:
         scope = None if signature is Signature.FAILURE else model
         return self._failure(provider, scope, signature, key, keys)
 
-    def _close(self, provider: str, model: str) -> None:
+    def _succeeded(self, provider: str, model: str) -> None:
+        now = self._clock()
+        served = self._served
+        if len(served) >= MAX_CIRCUITS and (provider, model) not in served:
+            self._forget_successes(now)
+        served[provider, None] = now
+        served[provider, model] = now
         if not self._circuits:
             return
         for ident in ((provider, None, Signature.FAILURE), (provider, model, Signature.THROTTLE)):
             self._circuits.pop(ident, None)
+
+    def _served_lately(self, provider: str, scope: str | None, now: float) -> bool:
+        """Whether the provider (for ``scope``, a model, if given) answered well in the window."""
+        at = self._served.get((provider, scope))
+        return at is not None and now - at <= self.policy.window_s
+
+    def _forget_successes(self, now: float) -> None:
+        """Make room: drop successes out of the window, else every model's (never a provider's)."""
+        window = self.policy.window_s
+        served = {ident: at for ident, at in self._served.items() if now - at <= window}
+        if len(served) >= MAX_CIRCUITS:
+            served = {ident: at for ident, at in served.items() if ident[1] is None}
+        self._served = served
 
     def _failure(
         self, provider: str, scope: str | None, signature: Signature, key: str, keys: int
@@ -149,6 +189,8 @@ class Breakers:
             if now - at > policy.window_s:
                 del circuit.failures[name]
         if len(circuit.failures) < min(policy.trip_keys, keys):
+            return None
+        if self._served_lately(provider, scope, now):  # some key answers: not the provider
             return None
         return self._trip(ident, circuit, now, tuple(circuit.failures))
 

@@ -18,6 +18,7 @@ import orjson
 from router.admin_client import ADMIN_KEY_ENV
 from router.config import ConfigError, Settings, load_settings
 from router.logs import configure_logging
+from router.quota.urls import split_scheme
 
 DEFAULT_CONFIG = "config/router.yaml"
 
@@ -174,9 +175,14 @@ def _serve(path: str) -> int:
     settings = _load(path)
     if settings is None:
         return 1
+    from router.quota.store import StoreError
     from router.serve import serve
 
-    return serve(settings, Path(path))
+    try:
+        return serve(settings, Path(path))
+    except StoreError as exc:  # e.g. a SQLite file in a directory that does not exist
+        print(f"error: {path}: store.url: {exc}", file=sys.stderr)
+        return 1
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -219,7 +225,7 @@ def _status(args: argparse.Namespace) -> int:
             settings = _load(args.config or DEFAULT_CONFIG)
             if settings is None:
                 return 1
-            if settings.store.url.startswith("memory://"):
+            if split_scheme(settings.store.url)[0] == "memory":
                 print("warning: a memory:// store lives in the gateway; use --url", file=sys.stderr)
             document = asyncio.run(collect_local(settings))
     except (AdminError, StoreError) as exc:

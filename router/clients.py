@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from router.config import ClientConfig, ProviderConfig, Settings
 from router.quota.types import ClientQuota, FairShare
-from router.routing import Route
+from router.routing import Route, upstream_model_name
 
 
 class ClientPolicy:
@@ -34,7 +35,43 @@ class ClientPolicy:
         client = self._clients.get(name)
         if client is None or client.models is None:
             return True
-        return any(fnmatchcase(model_id, pattern) for pattern in client.models)
+        return _matches(model_id, client.models)
+
+    def allowed_routes(
+        self, name: str, model_id: str, routes: tuple[Route, ...], listed: Iterable[str]
+    ) -> tuple[Route, ...]:
+        """The routes of a raw model id (not an alias) that call a model the client may use.
+
+        ``allows_model`` judged the id the client sent; a provider that renames it (Bailian
+        drops the organisation and lower-cases: ``Qwen/deepseek-r1`` -> ``deepseek-r1``) may
+        call another model than that id names. So a renamed route is kept only if the client's
+        patterns allow the model it really calls, under a name that is that model's own:
+
+        - the upstream name itself (what the client could send unrenamed), or
+        - a *canonical* id of it: an id some provider lists or an alias routes to (``listed``)
+          that the same provider renames to the same upstream name (``Qwen/Qwen3-32B`` for
+          Bailian's ``qwen3-32b``; for ``deepseek-r1`` only a listed ``<org>/DeepSeek-R1``,
+          so ``deepseek-ai/*`` may allow it, ``Qwen/*`` never).
+
+        ``Qwen/*`` thus keeps Bailian's ``qwen3-32b`` for ``Qwen/Qwen3-32B`` but refuses
+        ``Qwen/deepseek-r1``. A route that calls the id as sent needs nothing more. Without a
+        known canonical id (no provider lists one) a renamed route is refused: fail closed.
+        """
+        client = self._clients.get(name)
+        if client is None or client.models is None:
+            return routes
+        patterns = client.models
+        canonical: list[str] | None = None
+        kept = []
+        for route in routes:
+            if route.model != model_id and not _matches(route.model, patterns):
+                if canonical is None:
+                    canonical = [m for m in listed if _matches(m, patterns)]
+                called = route.model
+                if not any(upstream_model_name(route.provider, m) == called for m in canonical):
+                    continue
+            kept.append(route)
+        return tuple(kept)
 
     def routes_for(self, name: str, routes: tuple[Route, ...]) -> tuple[Route, ...]:
         """A client without ``fallback`` never reaches a paid provider."""
@@ -58,3 +95,7 @@ class ClientPolicy:
             )
             self._quotas[name, free] = quota
         return quota
+
+
+def _matches(model_id: str, patterns: list[str]) -> bool:
+    return any(fnmatchcase(model_id, pattern) for pattern in patterns)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import time
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -29,11 +29,19 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from router.classify import ProviderType
 from router.quota.types import Strategy
+from router.quota.urls import split_scheme, store_url_problem
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 DEFAULT_STORE_URL = "sqlite:///modelscope-router.sqlite3"
 MODELSCOPE_DAILY_LIMIT = 2000
 MODELSCOPE_MODEL_DAILY_LIMIT = 500
+# Numbers are finite (allow_inf_nan=False on every model) and never negative. A limit is at
+# most a billion calls a day (omit it for no cap): sums of limits stay exact in Lua's doubles.
+MAX_DAILY_LIMIT = 10**9
+MAX_SHARE = 1e6  # fair-share weights are relative; a bound keeps their sum finite
+MAX_ACTIVE_WINDOW_SECONDS = 86_400  # a quota day: the clients day map lives no longer
+DailyLimit = Annotated[int, Field(ge=0, le=MAX_DAILY_LIMIT)]
+RESET_TIME_HINT = 'write it as a quoted string, "HH:MM" (YAML reads unquoted 25:00 as a number)'
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -42,13 +50,15 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    # A non-stream upstream answer larger than this is not read: the client gets a 502.
+    max_upstream_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     workers: int = Field(1, ge=1, le=64)  # processes sharing the port (SO_REUSEPORT)
     shutdown_grace_seconds: float = Field(30, ge=0)  # for requests in flight at SIGTERM
     drain_seconds: float = Field(1, ge=0)  # at SIGTERM: not ready (503) this long, then close
@@ -67,14 +77,20 @@ class StoreSettings(_Model):
     # lost Redis at the same time.
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
 
+    @field_validator("url")
+    @classmethod
+    def _opens_a_store(cls, url: str) -> str:
+        """The schemes router.quota.factory opens; the scheme in lower case."""
+        problem = store_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        scheme, rest = split_scheme(url)
+        return f"{scheme}://{rest}"
+
 
 class QuotaSettings(_Model):
     timezone: str = "Asia/Shanghai"
     reset_time: time = time(0, 0)
-    # Make the next call's reservation while this one is served (router.quota.ahead): the
-    # store's round trip leaves the request's critical path; at most one call per route and
-    # client is counted ahead of its use on each process.
-    reserve_ahead: bool = True
 
     @field_validator("timezone")
     @classmethod
@@ -88,10 +104,12 @@ class QuotaSettings(_Model):
     @field_validator("reset_time", mode="before")
     @classmethod
     def _hh_mm(cls, value: object) -> object:
-        if isinstance(value, str) and not re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?", value):
-            raise ValueError('expected "HH:MM"')
-        if isinstance(value, int):  # YAML 1.1 reads an unquoted 00:00 as a sexagesimal int
-            return time(value // 60 % 24, value % 60)
+        # YAML 1.1 reads an unquoted 12:00:00 as the int 43200 and 25:00 as 1500: only a
+        # string is what the operator wrote.
+        if isinstance(value, time):
+            return value
+        if not isinstance(value, str) or not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError(RESET_TIME_HINT)
         return value
 
     @property
@@ -103,8 +121,8 @@ class KeyConfig(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     secret: SecretStr | None = None
     secret_file: Path | None = None
-    daily_limit: int | None = Field(None, ge=0)
-    model_daily_limit: int | None = Field(None, ge=0)
+    daily_limit: DailyLimit | None = None
+    model_daily_limit: DailyLimit | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> Self:
@@ -125,9 +143,9 @@ class ProviderConfig(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     type: ProviderType
     base_url: str = Field(pattern=r"^https?://[^\s]+$")
-    daily_limit: int | None = Field(None, ge=0)
-    model_daily_limit: int | None = Field(None, ge=0)
-    model_limits: dict[str, int] = Field(default_factory=dict)
+    daily_limit: DailyLimit | None = None
+    model_daily_limit: DailyLimit | None = None
+    model_limits: dict[str, DailyLimit] = Field(default_factory=dict)
     strategy: Strategy = Strategy.MOST_REMAINING
     timeout_seconds: float = Field(120, gt=0)
     connect_timeout_seconds: float = Field(5, gt=0)
@@ -230,8 +248,8 @@ class _KeyHolder(_Model):
 
 class ClientConfig(_KeyHolder):
     name: str = Field(pattern=NAME_PATTERN)
-    daily_limit: int | None = Field(None, ge=0)  # calls per quota day, every provider together
-    share: float = Field(1.0, gt=0)  # weight in the fair share of the free pool
+    daily_limit: DailyLimit | None = None  # calls per quota day, every provider together
+    share: float = Field(1.0, gt=0, le=MAX_SHARE)  # weight in the fair share of the free pool
     models: list[str] | None = None  # allowed model ids or aliases (glob patterns); None = all
     fallback: bool = True  # may spill to paid providers
 
@@ -239,7 +257,8 @@ class ClientConfig(_KeyHolder):
 class FairShareSettings(_Model):
     below: float = Field(0.3, ge=0, le=1)  # share out once less than this of a free pool remains
     count: Literal["configured", "active"] = "configured"  # which clients get a part
-    active_window_seconds: float = Field(3600, gt=0)  # "active": seen this recently
+    # "active": seen this recently
+    active_window_seconds: float = Field(3600, gt=0, le=MAX_ACTIVE_WINDOW_SECONDS)
 
 
 class AdminSettings(_Model):
@@ -276,7 +295,11 @@ class Settings(BaseSettings):
     """The whole configuration. Server and store may be overridden by ROUTER_SERVER__PORT etc."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ROUTER_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="ROUTER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
     )
 
     server: ServerSettings = ServerSettings()
@@ -304,7 +327,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _workers_share_a_store(self) -> Self:
-        if self.server.workers > 1 and self.store.url.startswith("memory:"):
+        if self.server.workers > 1 and split_scheme(self.store.url)[0] == "memory":
             raise ValueError(
                 "server.workers: several workers need a shared store (sqlite or redis), "
                 "not memory://, or each would count its own quota"
@@ -316,10 +339,6 @@ class Settings(BaseSettings):
         _require_unique([p.name for p in self.providers], "provider name")
         _require_unique([m.id for m in self.models], "model id")
         _require_unique([c.name for c in self.clients], "client name")
-        _require_unique([c.key_digest().hex() for c in self.clients], "client key", show=False)
-        admin = self.admin.key_digest()
-        if admin is not None and admin in {c.key_digest() for c in self.clients}:
-            raise ValueError("admin.key: the admin key must differ from every client key")
         declared = {p.name for p in self.providers}
         for i, alias in enumerate(self.models):
             for j, route in enumerate(alias.routes):
@@ -330,6 +349,43 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _one_use_per_secret(self) -> Self:
+        """The admin key, the metrics token and the client keys keep their planes apart; two
+        upstream keys with one secret are one account, whose quota would be counted twice."""
+        seen: dict[bytes, str] = {}
+        for path, digest in self._secret_digests():
+            first = seen.get(digest)
+            if first is not None:
+                why = (
+                    "one account's quota would be counted twice"
+                    if first.startswith("providers") and path.startswith("providers")
+                    else "admin key, metrics token, client and upstream keys must all differ"
+                )
+                raise ValueError(f"{path}: the same secret as {first}; {why}")
+            seen[digest] = path
+        return self
+
+    def _secret_digests(self) -> Iterator[tuple[str, bytes]]:
+        """(field path, SHA-256) of every secret in the configuration."""
+        admin = self.admin.key_digest()
+        if admin is not None:
+            yield ("admin.key" if self.admin.key is not None else "admin.key_sha256"), admin
+        if self.metrics.token is not None:
+            yield "metrics.token", secret_digest(self.metrics.token.get_secret_value())
+        for i, client in enumerate(self.clients):
+            field = "key" if client.key is not None else "key_sha256"
+            yield f"clients[{i}].{field}", client.key_digest()
+        for p, provider in enumerate(self.providers):
+            for k, key in enumerate(provider.keys):
+                field = "secret" if key.secret is not None else "secret_file"
+                try:
+                    secret = key.resolved_secret()
+                except (OSError, ValueError):  # load_settings names an unreadable file
+                    continue
+                if secret:
+                    yield f"providers[{p}].keys[{k}].{field}", secret_digest(secret)
+
     def provider(self, name: str) -> ProviderConfig:
         for p in self.providers:
             if p.name == name:
@@ -337,11 +393,11 @@ class Settings(BaseSettings):
         raise KeyError(name)
 
 
-def _require_unique(values: list[str], what: str, *, show: bool = True) -> None:
+def _require_unique(values: list[str], what: str) -> None:
     seen: set[str] = set()
     for value in values:
         if value in seen:
-            raise ValueError(f"duplicate {what}" + (f" {value!r}" if show else ""))
+            raise ValueError(f"duplicate {what} {value!r}")
         seen.add(value)
 
 
@@ -399,8 +455,8 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
         raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
+    if not isinstance(raw, dict) or not all(isinstance(name, str) for name in raw):
+        raise ConfigError(f"{source}: the top level must be a mapping of section names")
     try:
         data = expand_env(raw, env)
         settings = Settings(**data)
@@ -433,6 +489,8 @@ def _check_secret_file(key: KeyConfig, path: str) -> None:
             raise ConfigError(f"{path}: {key.secret_file} is empty")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {key.secret_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # its text would quote a byte of the secret
+        raise ConfigError(f"{path}: {key.secret_file} is not UTF-8 text") from None
 
 
 def fingerprint(secret: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from router.auth import ClientAuth
+from router.auth import OPEN_CLIENT, ClientAuth
 from router.breaker import Breakers, Open, Signature
 from router.catalog import Catalog
 from router.classify import (
@@ -74,7 +75,7 @@ from router.quota.types import (
     Settlement,
 )
 from router.routing import Route, RouteTable, known_routes
-from router.upstream import TransportError, UpstreamReply, Upstreams
+from router.upstream import TransportError, UpstreamBodyTooLarge, UpstreamReply, Upstreams
 
 log = logging.getLogger("router.proxy")
 access_log = FieldLog("router.access")
@@ -170,6 +171,12 @@ def parse_call(
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    if _model_given_twice(raw):
+        raise BadRequest(
+            "The request body gives 'model' more than once; send it once.",
+            code="duplicate_model",
+            param="model",
+        )
     model = payload.get("model", "" if not endpoint.needs_model else None)
     if (
         not isinstance(model, str)
@@ -184,6 +191,34 @@ def parse_call(
     elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
     return Call(endpoint, model, stream, payload, raw, trace, headers or {})
+
+
+# The bytes of the key "model" (a second one is looked for), and a JSON escape of one of its
+# letters (m o d e l: U+006D 006F 0064 0065 006C), the other way to spell the key.
+_MODEL_KEY = b'"model"'
+_ESCAPED_MODEL_LETTER = re.compile(rb"\\u006[45cdfCDF]")
+
+
+def _model_given_twice(raw: bytes) -> bool:
+    """Whether the body's top level has the key ``model`` more than once (BadRequest when
+    the body cannot be checked).
+
+    orjson keeps the last silently, an upstream's parser may keep the first: the allow-list
+    and the counters would judge one model and the upstream serve another. Cheap: the body is
+    parsed a second time (by the standard library, keeping every key of the top level) only
+    when its bytes hold ``"model"`` twice or an escaped letter of it; the common body is only
+    scanned.
+    """
+    if raw.count(_MODEL_KEY) < 2 and _ESCAPED_MODEL_LETTER.search(raw) is None:
+        return False
+    try:
+        # The hook keeps an object's pairs as a list: the top level's is the result.
+        pairs = json.loads(raw, object_pairs_hook=lambda pairs: pairs)
+    except (ValueError, RecursionError):  # orjson took it, the standard library did not
+        raise BadRequest(
+            "The request body could not be checked for a repeated 'model'.", code="invalid_json"
+        ) from None
+    return sum(1 for name, _ in pairs if name == "model") > 1
 
 
 class RequestIds:
@@ -336,25 +371,36 @@ class Proxy:
         return await self._handle(request, passthrough(path))
 
     async def task(self, request: web.Request) -> web.StreamResponse:
-        """Poll an image task at the key that created it (any replica knows it): not a call."""
-        self.auth.authenticate(request.headers)
+        """Poll an image task at the key that created it (any replica knows it): not a call.
+
+        Only the client that created a task may poll it; to any other it does not exist (the
+        same 404 as an unknown id, so ids cannot be probed). A task whose key a reload removed
+        answers 404 ``task_key_removed``: its result can no longer be fetched."""
+        client = self.auth.authenticate(request.headers)
         task_id = request.match_info.get("task_id", "")
         if not _TASK_ID.match(task_id):
             raise NotFound("No such task.", code="task_not_found")
         try:
-            owner = await self.store.recall_task(task_id)
+            remembered = await self.store.recall_task(task_id)
         except StoreError:
             raise StoreUnavailable("The quota store is unavailable; try again shortly.") from None
-        provider_name, _, key = (owner or "").partition("|")
-        provider = self._providers.get(provider_name)
-        if provider is None or not key:
+        provider_name, key, creator = _task_owner(remembered)
+        if not key or creator != client:
             raise NotFound("No such task (or it expired).", code="task_not_found")
+        try:
+            provider = self._providers[provider_name]
+            secret = self.pool.secret(provider_name, key)
+        except KeyError:  # a reload removed the provider or the key
+            raise NotFound(
+                f"The task was created with the upstream key '{provider_name}/{key}', which is "
+                "no longer configured (a reload removed it): its result cannot be fetched.",
+                code="task_key_removed",
+            ) from None
         headers = {
             name: request.headers[name]
             for name in ("X-ModelScope-Task-Type",)
             if name in request.headers
         }
-        secret = self.pool.secret(provider_name, key)
         try:
             status, content_type, body = await self.upstreams.get(
                 provider, f"tasks/{task_id}", secret, headers
@@ -499,6 +545,18 @@ class Proxy:
                 code="model_not_found",
                 param="model",
             )
+        if not self.routes.has_alias(call.model):  # an alias is judged by its id alone
+            listed = itertools.chain(self.catalog.all_models(), self.routes.alias_models)
+            allowed = self.policy.allowed_routes(client, call.model, routes, listed)
+            if not allowed:
+                served = ", ".join(f"'{r.model}' on {r.provider.name}" for r in routes)
+                raise Forbidden(
+                    f"The client '{client}' may not use the model '{call.model}': it would be "
+                    f"served as {served}, which its allowed models do not cover.",
+                    code="model_not_allowed",
+                    param="model",
+                )
+            routes = allowed
         routes = self.policy.routes_for(client, routes)
         if not routes:
             raise Forbidden(
@@ -647,9 +705,12 @@ class Proxy:
                 call.body_for(route),
                 stream=call.stream,
                 extra_headers=self._extra_headers(call, secret),
+                max_body=self.settings.server.max_upstream_body_bytes,
             )
         except TransportError as exc:
             return classify_transport(exc.failure, exc.detail), None
+        except UpstreamBodyTooLarge as exc:
+            raise self._body_too_large(call, route, res, exc.limit) from None
         except asyncio.CancelledError:
             if not deadline.expired():
                 raise  # the client went away, or the shutdown's grace is over
@@ -669,6 +730,33 @@ class Proxy:
             stream=call.stream,
         )
         return verdict, reply
+
+    def _body_too_large(
+        self, call: Call, route: Route, res: Reservation, limit: int
+    ) -> UpstreamError:
+        """A 200 answer over ``server.max_upstream_body_bytes``, dropped unread: a 502 at once.
+
+        The upstream served (and counted) the call, so the reservation stays counted and is
+        not settled; the key did nothing wrong (no cooldown, never disabled, no breaker).
+        No other key is tried: the size follows from the request, and each try would spend a
+        call on the same answer.
+        """
+        call.trace.provider, call.trace.key = res.provider, res.key
+        self.metrics.upstream_errors.labels(res.provider, res.key, "body_too_large").inc()
+        log.warning(
+            "upstream answer over %d bytes dropped: %s/%s for %s (request %s)",
+            limit,
+            res.provider,
+            res.key,
+            route.model,
+            call.request_id,
+        )
+        return UpstreamError(
+            f"The upstream's answer is larger than the gateway's limit of {limit} bytes "
+            "(server.max_upstream_body_bytes) and was not passed on; the call was made and "
+            "counts against the quota.",
+            code="upstream_body_too_large",
+        )
 
     def _extra_headers(self, call: Call, secret: str) -> dict[str, str] | None:
         endpoint = call.endpoint
@@ -726,21 +814,22 @@ class Proxy:
         if reply.first_chunk is None:
             reply.close()
             if call.endpoint is IMAGES and reply.status == 200:
-                await self._remember_task(reply.body or b"", res)
+                await self._remember_task(reply.body or b"", res, call.trace.client)
             content_type = reply.response.headers.get("Content-Type", "application/json")
             headers["Content-Type"] = content_type
             body = _without_secret(reply.body or b"", self.pool.secret(res.provider, res.key))
             return web.Response(status=reply.status, body=body, headers=headers)
         return await self._relay_stream(request, reply, headers, call)
 
-    async def _remember_task(self, body: bytes, res: Reservation) -> None:
+    async def _remember_task(self, body: bytes, res: Reservation, client: str) -> None:
         try:
             task_id = orjson.loads(body).get("task_id")
         except (orjson.JSONDecodeError, AttributeError):
             return
         if isinstance(task_id, str) and _TASK_ID.match(task_id):
             try:
-                await self.store.remember_task(task_id, f"{res.provider}|{res.key}", TASK_TTL_MS)
+                owner = f"{res.provider}|{res.key}|{client}"  # names never hold a "|"
+                await self.store.remember_task(task_id, owner, TASK_TTL_MS)
             except StoreError as exc:
                 log.warning("could not remember image task %s: %s", task_id, exc)
 
@@ -902,6 +991,20 @@ class Proxy:
             f"it resets at {reset_text} (in {_duration(to_reset)}).",
             retry_after_s=to_reset,
         )
+
+
+def _task_owner(remembered: str | None) -> tuple[str, str, str]:
+    """(provider, key, client) of a remembered task; ("", "", "") when there is none.
+
+    A value of the older "provider|key" form (remembered before tasks had an owner) belongs
+    to the open gateway's client only: a gateway with client keys does not show it to anyone.
+    """
+    parts = (remembered or "").split("|")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return parts[0], parts[1], OPEN_CLIENT
+    return "", "", ""
 
 
 def _without_secret(body: bytes, secret: str) -> bytes:

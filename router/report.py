@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -10,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from router.config import KeyConfig, Settings
-from router.routing import upstream_model_name
+from router.quota.urls import mask_url
+from router.routing import RouteTable, known_routes, upstream_model_name
 
 
 def _secret_source(key: KeyConfig) -> str:
@@ -65,18 +65,37 @@ def print_pool(settings: Settings, path: Path, console: Console | None = None) -
     example = "Qwen/Qwen3-32B"
     chain = " → ".join(f"{p.name}:{upstream_model_name(p, example)}" for p in settings.providers)
     console.print(f"Other model ids go to every provider in order, e.g. {example}: {chain}")
+    for warning in paid_only_warnings(settings):
+        console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
 
 
-def mask_url(url: str) -> str:
-    """Hide a password in a store URL (redis://:secret@host -> redis://:••••@host)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    # redis-py also takes ?password=... in the query: check-config and serve's startup line
-    # printed it in clear (tests/test_canary.py).
-    rest = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1••••", rest)
-    if "@" not in rest:
-        return f"{scheme}://{rest}"
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:••••@{host}"
+def paid_only_warnings(settings: Settings) -> list[str]:
+    """Aliases, and models a paid provider lists, that only paid routes serve while a free
+    provider lists a model that maps to the same upstream model: its free quota goes unused.
+
+    Only the ``models:`` lists of the config are known here (the gateway also asks upstream).
+    """
+    table = RouteTable(settings)
+    catalog = {
+        p.name: None if p.models is None else frozenset(p.models) for p in settings.providers
+    }
+    free = [(p.name, m) for p in settings.providers if not p.is_paid for m in p.models or ()]
+    listed_by_paid = [m for p in settings.providers if p.is_paid for m in p.models or ()]
+    warnings = []
+    for name in dict.fromkeys([*table.aliases, *listed_by_paid]):
+        routes = known_routes(table.resolve(name), catalog)  # what the gateway does
+        if not routes or not all(r.provider.is_paid for r in routes):
+            continue
+        matching = [
+            f"{provider}:{model}"
+            for provider, model in free
+            if any(upstream_model_name(r.provider, model) == r.model for r in routes)
+        ]
+        if matching:
+            paid = ", ".join(dict.fromkeys(r.provider.name for r in routes))
+            warnings.append(
+                f"{name} is served only by paid providers ({paid}), though the free "
+                f"{', '.join(matching)} maps to it: route {name} there first (models:) "
+                "to use the free quota before paying"
+            )
+    return warnings

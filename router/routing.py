@@ -41,6 +41,11 @@ class RouteTable:
         }
 
         self.aliases: tuple[str, ...] = tuple(self._aliases)
+        # The upstream model ids the aliases name: ids the operator vouches for, as a
+        # provider's list does (router.clients judges renamed routes against both).
+        self.alias_models: tuple[str, ...] = tuple(
+            dict.fromkeys(r.model for routes in self._aliases.values() for r in routes)
+        )
         self._resolved: dict[str, tuple[Route, ...]] = {}
 
     def has_alias(self, model_id: str) -> bool:

@@ -18,8 +18,6 @@ from router.config import Settings
 from router.metrics import Metrics
 from router.pool import KeyPool
 from router.proxy import Proxy
-from router.quota.ahead import ReserveAhead
-from router.quota.days import to_ms
 from router.quota.resilient_store import ResilientStore
 from router.quota.store import QuotaStore
 from router.quota_metrics import QuotaReporter
@@ -29,7 +27,6 @@ from router.upstream import Upstreams
 log = logging.getLogger("router.runtime")
 
 CATALOG_FIRST_LOOK_SECONDS = 5.0
-AHEAD_SWEEP_SECONDS = 10.0
 
 
 class Runtime:
@@ -43,11 +40,7 @@ class Runtime:
         previous: Runtime | None = None,
     ) -> None:
         self.settings = settings
-        self.shared_store = store  # the app's: outlives this runtime
-        # Held reservations belong to this configuration (its keys and clients): given back
-        # when it stops (router.quota.ahead).
-        self.ahead = ReserveAhead(store) if settings.quota.reserve_ahead else None
-        self.store: QuotaStore = self.ahead if self.ahead is not None else store
+        self.store = store  # the app's: outlives this runtime
         self.clock = clock
         self.pool = KeyPool(settings)
         self.catalog = Catalog(settings)
@@ -82,15 +75,8 @@ class Runtime:
         quota = self.settings.quota
         self._spawn(watch_day_rollover(self.clock, quota.tz, quota.reset_time))
         self._spawn(_every(self.settings.metrics.refresh_seconds, self.reporter.refresh))
-        if self.ahead is not None:
-            ahead = self.ahead
-
-            async def sweep() -> None:
-                ahead.sweep(to_ms(self.clock()))
-
-            self._spawn(_every(AHEAD_SWEEP_SECONDS, sweep))
-        if isinstance(self.shared_store, ResilientStore):  # store.on_error: fail_open
-            self._spawn(self.shared_store.heartbeat_forever())
+        if isinstance(self.store, ResilientStore):  # store.on_error: fail_open
+            self._spawn(self.store.heartbeat_forever())
 
     def _spawn(self, job: Awaitable[None]) -> None:
         self._tasks.append(asyncio.ensure_future(job))
@@ -123,8 +109,6 @@ class Runtime:
                 await asyncio.wait_for(self._drained.wait(), grace_seconds)
             except TimeoutError:
                 log.warning("%d requests still running on the old configuration", self._inflight)
-        if self.ahead is not None:
-            await self.ahead.release_all()
         await self.upstreams.aclose()
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from router.app import CLOSE_TIMEOUT_SECONDS, INFLIGHT, LIFECYCLE, create_app
 from router.config import Settings
 from router.logs import configure_logging
-from router.report import mask_url
+from router.quota.urls import mask_url
 
 log = logging.getLogger("router.serve")
 

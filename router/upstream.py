@@ -36,6 +36,14 @@ class UpstreamReply:
         self.response.close()
 
 
+class UpstreamBodyTooLarge(Exception):
+    """A non-stream answer larger than the bound: dropped unread, its connection closed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upstream answer is larger than {limit} bytes")
+        self.limit = limit
+
+
 class TransportError(Exception):
     """The exchange failed below HTTP; ``failure`` says whether the request went out."""
 
@@ -100,11 +108,13 @@ class Upstreams:
         *,
         stream: bool,
         extra_headers: Mapping[str, str] | None = None,
+        max_body: int | None = None,
     ) -> UpstreamReply:
         """POST ``body`` and wait for the answer's head; read what classification needs.
 
         A 200 stream has its first chunk read here, so failover stays possible until then.
-        Raises TransportError.
+        A 200 non-stream answer is read whole, but never more than ``max_body`` bytes (after
+        decompression): past that it raises UpstreamBodyTooLarge. Raises TransportError.
         """
         headers = {
             "Authorization": f"Bearer {secret}",
@@ -122,8 +132,12 @@ class Upstreams:
             elif stream:
                 reply.first_chunk = await _first_chunk(response)
             else:
-                reply.body = await response.read()
+                reply.body = await _read_bounded(response, max_body)
             return reply
+        except UpstreamBodyTooLarge:
+            if response is not None:
+                response.close()  # the rest is never read: the connection is not reused
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None:
                 response.close()
@@ -151,6 +165,28 @@ class Upstreams:
                 return response.status, response.headers.get("Content-Type", ""), body
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(transport_failure(exc), _describe(exc)) from exc
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int | None) -> bytes:
+    """The whole body, or UpstreamBodyTooLarge as soon as it is known to exceed ``limit``.
+
+    A declared Content-Length over the limit is refused before any byte is read (unless the
+    body is compressed: the limit counts decompressed bytes); otherwise the chunks are summed
+    as they arrive, so at most ``limit`` bytes plus one chunk are ever held.
+    """
+    if limit is None:
+        return await response.read()
+    declared = response.content_length
+    if declared is not None and declared > limit and "Content-Encoding" not in response.headers:
+        raise UpstreamBodyTooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamBodyTooLarge(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def _first_chunk(response: aiohttp.ClientResponse) -> bytes:

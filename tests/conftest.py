@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,12 +14,17 @@ from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore
 from tests.redis_server import RedisServer
 
+# 2099-12-30 02:00 UTC: far from any real date. Stores must never compare an injected time with
+# their server's own clock (Redis TTLs are durations from the caller's now, SQLite purges by the
+# newest day on record), so the suite passes whatever today's date is.
+FIXED_NOW_MS = 4_102_279_200_000
+
 
 class FakeClock:
     """A store's wall clock (Unix ms) that only moves when a test moves it."""
 
-    def __init__(self) -> None:
-        self.ms = int(time.time() * 1000)  # near the real time: Redis expires by its own clock
+    def __init__(self, ms: int = FIXED_NOW_MS) -> None:
+        self.ms = ms
 
     def __call__(self) -> int:
         return self.ms

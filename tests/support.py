@@ -61,7 +61,6 @@ def gateway_config(
     port: int = 0,
     max_attempts: int = 4,
     clients: bool = True,
-    reserve_ahead: bool = True,
 ) -> dict[str, Any]:
     providers: list[dict[str, Any]] = [
         {
@@ -89,7 +88,6 @@ def gateway_config(
         "providers": providers,
         "clients": [{"name": "team", "key": CLIENT_KEY}] if clients else [],
         "retry": {"max_attempts": max_attempts, "deadline_seconds": 30},
-        "quota": {"reserve_ahead": reserve_ahead},
     }
 
 

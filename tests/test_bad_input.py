@@ -22,6 +22,7 @@ from router.app import LIVE, create_app
 from router.config import Settings
 from router.demo import running
 from router.quota.memory_store import MemoryStore
+from router.quota.store import PROBE_PROVIDER
 from router.quota.types import NoCapacity, Reservation, ReserveRequest, Settlement, SettleResult
 from router.simulator import Simulator
 from router.simulator.app import CTX
@@ -48,11 +49,11 @@ class CountingStore(MemoryStore):
         self.settles = 0
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        self.reserves += 1
+        self.reserves += req.provider != PROBE_PROVIDER  # /readyz's probe is not a call
         return await super().reserve(req)
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        self.settles += 1
+        self.settles += res.provider != PROBE_PROVIDER
         return await super().settle(res, settlement, now_ms)
 
 

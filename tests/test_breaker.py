@@ -1,5 +1,9 @@
 """Provider breakers: unit tests on a fake clock, then end to end with the simulator.
 
+The rule: failures alike on 3 distinct keys (every key of a smaller provider) within 10 s open a
+breaker, unless something of the provider answered well in those 10 s (for a throttle: the
+provider for that model); tests/test_partial_outage.py has a partly failing provider end to end.
+
 End to end, a provider-wide fault (every ModelScope token answering 503, or an HTML 403 from
 a WAF) must cost a few attempts, not one per key per request: after the breaker opens,
 requests go straight to the next route, no key is disabled or long-cooled, and ModelScope
@@ -26,6 +30,7 @@ from tests.support import FakeClock
 from tests.test_disconnects import Gateway, in_process_gateway
 from tests.test_failover import (
     OTHER_MODEL,
+    THIRD_MODEL,
     Reply,
     chat,
     config_of,
@@ -128,8 +133,87 @@ def test_a_success_closes_it_and_forgets_the_doubling(breakers: Breakers, second
     breakers.record(MS, OTHER_MODEL, "a", OK, 3)  # any model: the provider answers
     assert breakers.blocking(MS, MODEL) is None
     seconds.now += 1
-    again = fail(breakers, "a", "b", "c")
-    assert (again.until - seconds.now, again.trips) == (15, 1)
+    assert fail(breakers, "a", "b", "c") is None  # it answered 1 s ago: not down
+    seconds.now += 10  # the success is out of the window; b's and c's failures are not
+    again = fail(breakers, "a")
+    assert (again.until - seconds.now, again.trips, again.keys) == (15, 1, ("a", "b", "c"))
+
+
+# -- a partly failing provider (issue #11) ---------------------------------------------------
+
+
+def test_keys_failing_beside_a_key_that_answers_never_open_it(
+    breakers: Breakers, seconds: Seconds
+) -> None:
+    # a, b and c fail both provider-wide ways, over and over; d keeps answering
+    for _ in range(60):
+        breakers.record(MS, MODEL, "d", OK, 4)
+        for _ in range(4):
+            assert fail(breakers, "a", "b", "c", n=4) is None
+            assert fail(breakers, "a", "b", "c", outcome=T, n=4) is None
+            seconds.now += 2.5  # the next success comes 10 s after this one
+    assert breakers.blocking(MS, MODEL) is None
+
+
+def test_one_success_keeps_it_closed_for_the_whole_window(
+    breakers: Breakers, seconds: Seconds
+) -> None:
+    breakers.record(MS, MODEL, "d", OK, 4)
+    seconds.now += 10  # the last moment the success is in the window
+    assert fail(breakers, "a", "b", "c", n=4) is None
+    assert breakers.blocking(MS, MODEL) is None
+    seconds.now += 0.5
+    opened = fail(breakers, "a", n=4)  # a, b and c failed, nothing answered for 10.5 s
+    assert opened == Open(MS, None, Signature.FAILURE, seconds.now + 15, 1, ("a", "b", "c"))
+
+
+def test_a_two_key_provider_with_one_healthy_key_never_opens(
+    breakers: Breakers, seconds: Seconds
+) -> None:
+    for _ in range(10):
+        assert fail(breakers, "a", n=2) is None
+        breakers.record(MS, MODEL, "b", OK, 2)
+        seconds.now += 1
+    seconds.now += 10.5  # b quiet for longer than the window: a alone is still a's business
+    assert fail(breakers, "a", n=2) is None
+    assert fail(breakers, "b", n=2) is not None  # now both keys fail, nothing answers
+
+
+def test_any_model_answering_counts_against_a_failure_breaker_only_its_own_against_a_throttle(
+    breakers: Breakers, seconds: Seconds
+) -> None:
+    breakers.record(MS, OTHER_MODEL, "d", OK, 4)
+    assert fail(breakers, "a", "b", "c", n=4) is None  # the provider answers: not down
+    # OTHER_MODEL's success says nothing of a throttle on MODEL
+    opened = fail(breakers, "a", "b", "c", outcome=T, n=4)
+    assert opened == Open(MS, MODEL, Signature.THROTTLE, seconds.now + 15, 1, ("a", "b", "c"))
+    breakers.record(MS, MODEL, "d", OK, 4)  # closes it; keeps it from opening for 10 s
+    assert breakers.blocking(MS, MODEL) is None
+    seconds.now += 5
+    assert fail(breakers, "a", "b", "c", outcome=T, n=4) is None
+    assert fail(breakers, "a", "b", "c", outcome=T, model=THIRD_MODEL, n=4) is not None
+
+
+def test_a_success_arriving_after_it_opened_closes_it_and_keeps_it_closed(
+    breakers: Breakers, seconds: Seconds
+) -> None:
+    # a burst after a quiet spell: three keys fail before the healthy key's first answer
+    opened = fail(breakers, "a", "b", "c", n=4)
+    assert opened is not None
+    breakers.record(MS, MODEL, "d", OK, 4)  # the answer of a call sent before it opened
+    assert breakers.blocking(MS, MODEL) is None
+    for _ in range(9):
+        seconds.now += 1
+        assert fail(breakers, "a", "b", "c", n=4) is None
+    assert breakers.blocking(MS, MODEL) is None
+
+
+def test_the_successes_remembered_are_bounded(breakers: Breakers, seconds: Seconds) -> None:
+    for i in range(MAX_CIRCUITS + 500):
+        breakers.record(MS, f"model-{i}", "a", OK, 3)
+    assert len(breakers._served) <= MAX_CIRCUITS
+    # the provider's own success is never the one forgotten
+    assert fail(breakers, "a", "b", "c") is None
 
 
 def test_a_failure_when_half_open_reopens_it_for_twice_as_long_up_to_5_min(

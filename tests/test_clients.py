@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import pytest
 
 from router.simulator import Simulator
@@ -119,3 +122,40 @@ async def test_fair_share_keeps_a_part_of_the_free_pool_for_the_quiet_client(
     assert [status for status, _, _ in bob] == [200] * 4 + [429] * 2
     assert bob[4][1]["error"]["code"] == "pool_exhausted"
     assert sim.state.stats("modelscope")["rejected"].get("429", 0) == 0
+
+
+async def test_client_refusals_until_the_reset_tell_sdks_not_to_retry(clock: FakeClock) -> None:
+    """A client's daily limit and its fair share last until the reset (ten hours here): the
+    SDKs are told not to retry (x-should-retry: false) instead of sleeping the Retry-After,
+    which the anthropic SDK does whatever its length."""
+    async with Simulator(sim_config(10, 0), clock=clock.seconds) as sim:
+        config = config_for(sim, limit=10, bailian_limit=0)
+        config["clients"] = [
+            {"name": "alice", "key": ALICE_KEY, "fallback": False},
+            {"name": "bob", "key": BOB_KEY, "fallback": False, "daily_limit": 1},
+        ]
+        async with gateway(config, clock) as url:
+            bob = anthropic.AsyncAnthropic(base_url=url, api_key=BOB_KEY)  # default retries
+            alice = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY)
+            messages: Any = [{"role": "user", "content": "hi"}]
+            try:
+                async with asyncio.timeout(20):  # a retry after 10 h shows as a TimeoutError
+                    await bob.messages.create(model=MODEL, max_tokens=16, messages=messages)
+                    with pytest.raises(anthropic.RateLimitError) as limit:
+                        await bob.messages.create(model=MODEL, max_tokens=16, messages=messages)
+                    for _ in range(25):  # below 30% of the pool, alice's share is spent
+                        await alice.chat.completions.create(model=MODEL, messages=messages)
+                    with pytest.raises(openai.RateLimitError) as share:
+                        await alice.chat.completions.create(model=MODEL, messages=messages)
+            finally:
+                await bob.close()
+                await alice.close()
+    body: Any = limit.value.body
+    assert body["error"]["type"] == "rate_limit_error"
+    assert "daily limit of 1 calls" in body["error"]["message"]
+    share_body: Any = share.value.body
+    assert share_body["code"] == "client_fair_share"
+    for error in (limit.value, share.value):
+        assert error.response.headers["x-should-retry"] == "false"
+        assert error.response.headers["retry-after"] == str(10 * 3600)
+    assert sim.state.stats()["calls"] == 1 + 25

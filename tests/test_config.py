@@ -93,6 +93,31 @@ def test_env_overrides_server_and_store(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.store.url == "memory://"
 
 
+def test_env_overrides_are_validated_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROUTER_STORE__URL", "postgres://u:CANARY@db/quota")
+    with pytest.raises(ConfigError, match=r"store\.url: unsupported scheme 'postgres'") as info:
+        load_settings(write(tmp_path, MINIMAL), env={"TOKEN_A": "x"})
+    assert "CANARY" not in str(info.value)
+    monkeypatch.setenv("ROUTER_STORE__URL", "Memory://")
+    monkeypatch.setenv("ROUTER_SERVER__WORKERS", "2")
+    with pytest.raises(ConfigError, match=r"server\.workers: several workers need a shared"):
+        load_settings(write(tmp_path, MINIMAL), env={"TOKEN_A": "x"})
+
+
+def test_top_level_names_must_be_strings(tmp_path: Path) -> None:
+    """``1: x`` reached Settings(**data) as a keyword that is not a string: a TypeError."""
+    with pytest.raises(ConfigError, match="the top level must be a mapping of section names"):
+        load_settings(write(tmp_path, MINIMAL + "1: x\n"), env={"TOKEN_A": "x"})
+
+
+def test_secret_file_that_is_not_text(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_bytes(b"\xffCANARY")
+    text = MINIMAL.replace('secret: "${TOKEN_A}"', f"secret_file: {secret}")
+    with pytest.raises(ConfigError, match=r"keys\[0\]\.secret_file: .* is not UTF-8 text"):
+        load_settings(write(tmp_path, text), env={})
+
+
 def test_secrets_never_in_repr(tmp_path: Path) -> None:
     settings = load_settings(example_copy(tmp_path), env=EXAMPLE_ENV)
     text = repr(settings) + str(settings)

@@ -14,7 +14,17 @@ import pytest
 import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
 
+from router.config import (
+    MAX_ACTIVE_WINDOW_SECONDS,
+    MAX_DAILY_LIMIT,
+    MAX_SHARE,
+    ClientConfig,
+    FairShareSettings,
+    KeyConfig,
+    ProviderConfig,
+)
 from router.quota import keys as k
 from router.quota import logic
 from router.quota.redis_store import RedisStore
@@ -53,10 +63,14 @@ class DayState:
     clients: dict[str, str]  # the clients day map
 
 
+# The values the config accepts (router/config.py), edges first: a limit is None (no cap) or
+# 0..MAX_DAILY_LIMIT; a share is in (0, MAX_SHARE]; fair_share.below in [0, 1]; an active
+# window is 0 (a window under 1 ms) to MAX_ACTIVE_WINDOW_SECONDS.
+BIG = MAX_DAILY_LIMIT
 small = st.integers(0, 3)
 maybe_small = st.none() | small
-limits = st.none() | st.sampled_from([0, 2, 4, 6])
-capped_limits = st.sampled_from([0, 4, 6, 8, 8])  # every key capped: the fair share applies
+limits = st.none() | st.sampled_from([0, 1, 2, 4, 6, BIG]) | st.integers(0, BIG)
+capped_limits = st.sampled_from([0, 1, 4, 6, 8, 8, BIG])  # every key capped: fair share applies
 # Untils on and next to NOW, where "still cooling" flips, as well as spread around it.
 untils = st.sampled_from([NOW - 1, NOW, NOW + 1]) | st.integers(NOW - 4000, NOW + 4000)
 cooldowns = st.tuples(untils, st.integers(1, 5))
@@ -70,7 +84,15 @@ def _put(fields: dict[str, str], field: str, value: object) -> None:
         fields[field] = value if isinstance(value, str) else str(value)
 
 
-def _draw_key_fields(draw: st.DrawFn, name: str, fields: dict[str, str]) -> None:
+def _counts(limit: int | None) -> st.SearchStrategy[int | None]:
+    """A counter: absent, small, or on and next to ``limit`` (where "spent" flips)."""
+    if limit is None:
+        return maybe_small
+    return maybe_small | st.sampled_from([max(limit - 1, 0), limit, limit + 1])
+
+
+def _draw_key_fields(draw: st.DrawFn, spec: KeySpec, fields: dict[str, str]) -> None:
+    name = spec.name
     flag_odds, cooling_odds = FLAG_ODDS[draw(st.sampled_from(sorted(FLAG_ODDS)))]
 
     def sometimes(values: st.SearchStrategy[Any], odds: int = flag_odds) -> Any:
@@ -80,12 +102,12 @@ def _draw_key_fields(draw: st.DrawFn, name: str, fields: dict[str, str]) -> None
         cooling = sometimes(cooldowns, cooling_odds)
         return None if cooling is None else logic.format_cooldown(*cooling)
 
-    _put(fields, k.used_field(name), draw(maybe_small))
+    _put(fields, k.used_field(name), draw(_counts(spec.daily_limit)))
     _put(fields, k.exhausted_field(name), sometimes(st.sampled_from(["429", "x"])))
     _put(fields, k.cooling_field(name), cooldown())
     _put(fields, k.ambiguous_field(name), sometimes(st.sampled_from(MODELS)))
     for model in MODELS:
-        _put(fields, k.model_used_field(name, model), draw(maybe_small))
+        _put(fields, k.model_used_field(name, model), draw(_counts(spec.model_limit)))
         _put(fields, k.model_exhausted_field(name, model), sometimes(st.just("429")))
         _put(fields, k.model_cooling_field(name, model), cooldown())
 
@@ -116,7 +138,7 @@ def day_states(draw: st.DrawFn, capped: bool = False) -> DayState:
             _copy_key(fields, twin.name, name)
         else:
             specs.append(KeySpec(name, fingerprint, draw(key_limits), draw(limits)))
-            _draw_key_fields(draw, name, fields)
+            _draw_key_fields(draw, specs[-1], fields)
         if draw(st.integers(0, 5)) == 0:
             record = draw(st.sampled_from(FINGERPRINTS))
             disabled[name] = logic.disabled_record(record, "401")
@@ -129,37 +151,50 @@ def day_states(draw: st.DrawFn, capped: bool = False) -> DayState:
 
 def _draw_client_fields(draw: st.DrawFn, fields: dict[str, str], clients: dict[str, str]) -> None:
     """Client counters, last-seen times around the active windows, and maybe a share-out."""
-    _put(fields, k.SHARE_OUT_FIELD, draw(st.none() | st.none() | st.integers(0, 12)))
+    # A share-out is at most the pool's remaining: up to six keys of BIG.
+    share_out = st.none() | st.none() | st.integers(0, 12) | st.integers(0, 6 * BIG)
+    _put(fields, k.SHARE_OUT_FIELD, draw(share_out))
+    big_counts = st.sampled_from([BIG - 1, BIG, BIG + 1]) | st.integers(0, 6 * BIG)
     for name in (*CLIENTS, STRANGER):
-        _put(fields, k.fair_used_field(name), draw(st.none() | st.integers(0, 6)))
-        _put(clients, k.client_used_field(name), draw(st.none() | st.integers(0, 6)))
+        _put(fields, k.fair_used_field(name), draw(st.none() | st.integers(0, 6) | big_counts))
+        _put(clients, k.client_used_field(name), draw(st.none() | st.integers(0, 6) | big_counts))
         _put(clients, k.client_free_used_field(name), draw(st.none() | st.integers(0, 6)))
         _put(clients, k.client_seen_field(name), draw(st.none() | seen_times))
 
 
-# Last seen: on and next to the edges of the windows drawn below (NOW - 1000, NOW - 3000).
-seen_times = st.sampled_from([NOW - 3001, NOW - 3000, NOW - 1001, NOW - 1000, NOW]) | st.integers(
-    NOW - 5000, NOW + 1000
+WIDEST_MS = MAX_ACTIVE_WINDOW_SECONDS * 1000
+WINDOWS_MS = [0, 1, 1000, 3000, WIDEST_MS]  # the windows drawn below
+# Last seen: on and next to the edges of those windows, as well as spread around them.
+seen_times = (
+    st.sampled_from([NOW - w - d for w in WINDOWS_MS for d in (1, 0)] + [NOW])
+    | st.integers(NOW - 5000, NOW + 1000)
+    | st.integers(NOW - WIDEST_MS - 1000, NOW)
 )
-weights = st.sampled_from([1.0, 3.0, 0.5, 1 / 3, 2.7]) | st.floats(0.01, 10.0)
+TINY = float.fromhex("0x0.0000000000001p-1022")  # the smallest share above 0 (5e-324)
+weights = (
+    st.sampled_from([1.0, 3.0, 0.5, 1 / 3, 2.7, TINY, 1e-300, 1e-9, MAX_SHARE])
+    | st.floats(0.01, 10.0)
+    | st.floats(0.0, MAX_SHARE, exclude_min=True)
+)
 fair_shares = st.builds(
     FairShare,
-    below=st.sampled_from([0.0, 0.3, 0.5, 1.0, 1.5]) | st.floats(0.0, 1.2),
+    below=st.sampled_from([0.0, 0.3, 0.5, 1.0]) | st.floats(0.0, 1.0),
     weights=st.lists(
         st.tuples(st.sampled_from(CLIENTS), weights), max_size=3, unique_by=lambda w: w[0]
     ).map(tuple),
-    active_window_ms=st.none() | st.sampled_from([1000, 3000]),
+    active_window_ms=st.none() | st.sampled_from(WINDOWS_MS),
 )
+client_limits = st.none() | st.integers(0, 7) | st.sampled_from([BIG - 1, BIG])
 free_clients = st.builds(
     ClientQuota,
     name=st.sampled_from((*CLIENTS, STRANGER)),
-    daily_limit=st.none() | st.none() | st.integers(0, 7),
+    daily_limit=st.none() | client_limits,
     fair_share=fair_shares,
 )
 paid_clients = st.builds(
     ClientQuota,
     name=st.sampled_from((*CLIENTS, STRANGER)),
-    daily_limit=st.none() | st.integers(0, 7),
+    daily_limit=client_limits,
     fair_share=st.none(),
 )
 client_quotas = st.one_of(st.none(), paid_clients, free_clients)
@@ -245,6 +280,7 @@ def _state(
 
 EQUAL = FairShare(0.3, (("alice", 1.0), ("bob.b", 1.0)), None)
 ACTIVE = FairShare(0.3, (("alice", 1.0), ("bob.b", 3.0), ("c-3", 1.0)), 1000)
+EXTREMES = FairShare(1.0, (("alice", TINY), ("bob.b", MAX_SHARE)), WIDEST_MS)
 # Edges random maps reach only now and then: pinned so every run checks them.
 RESERVE_EDGES = [
     (_state(("c|k0", f"{NOW}:1")), None),  # a cooldown ending now is over
@@ -282,6 +318,15 @@ RESERVE_EDGES = [
         ClientQuota("alice", None, ACTIVE),
     ),
     (_state(("fs", 3), limit=10), ClientQuota(STRANGER, 9, EQUAL)),  # not in the weights
+    # the largest limits: a share of exactly BIG, used up and one call short of it
+    (_state(("fs", 2 * BIG), ("fu|alice", BIG), limit=BIG), ClientQuota("alice", None, EQUAL)),
+    (_state(("fs", 2 * BIG), ("fu|alice", BIG - 1), limit=BIG), ClientQuota("alice", BIG, EQUAL)),
+    # the smallest and the largest shares side by side; bob.b seen at the widest window's edge
+    (
+        _state(("fs", BIG), limit=BIG, clients=(("s|bob.b", NOW - WIDEST_MS),)),
+        ClientQuota("alice", None, EXTREMES),
+    ),
+    (_state(("fs", BIG), ("fu|bob.b", BIG - 1), limit=BIG), ClientQuota("bob.b", None, EXTREMES)),
 ]
 SETTLE_EDGES = [
     (_state(("c|k0", f"{NOW + 500}:3")), Settlement(cooldown=Cooldown("key", 10, 10, fixed=True))),
@@ -405,3 +450,42 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
             client=client,
         )(check)
     check()
+
+
+BASE_PROVIDER = {
+    "name": "p",
+    "type": "modelscope",
+    "base_url": "http://127.0.0.1:1/v1",
+    "keys": [{"name": "k", "secret": "s"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        # A negative model limit was "no cap" in reserve.lua and "spent" in selection.py.
+        (ProviderConfig, {**BASE_PROVIDER, "model_limits": {"plain": -1}}),
+        (ProviderConfig, {**BASE_PROVIDER, "model_limits": {"plain": BIG + 1}}),
+        (ProviderConfig, {**BASE_PROVIDER, "daily_limit": -1}),
+        (ProviderConfig, {**BASE_PROVIDER, "model_daily_limit": BIG + 1}),
+        (KeyConfig, {"name": "k", "secret": "s", "daily_limit": -1}),
+        (KeyConfig, {"name": "k", "secret": "s", "model_daily_limit": BIG + 1}),
+        (ClientConfig, {"name": "c", "key": "x", "daily_limit": -1}),
+        (ClientConfig, {"name": "c", "key": "x", "daily_limit": BIG + 1}),
+        (ClientConfig, {"name": "c", "key": "x", "share": 0}),
+        (ClientConfig, {"name": "c", "key": "x", "share": MAX_SHARE * 2}),
+        (ClientConfig, {"name": "c", "key": "x", "share": float("inf")}),
+        (ClientConfig, {"name": "c", "key": "x", "share": float("nan")}),
+        (FairShareSettings, {"below": -0.1}),
+        (FairShareSettings, {"below": 1.1}),
+        (FairShareSettings, {"below": float("nan")}),
+        (FairShareSettings, {"active_window_seconds": MAX_ACTIVE_WINDOW_SECONDS + 1}),
+        (FairShareSettings, {"active_window_seconds": float("inf")}),
+    ],
+)
+def test_the_config_refuses_what_the_parity_checks_do_not_cover(
+    model: type[BaseModel], fields: dict[str, Any]
+) -> None:
+    """The strategies above span every value the config accepts; it refuses the rest."""
+    with pytest.raises(ValidationError):
+        model.model_validate(fields)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 from dataclasses import replace
@@ -37,7 +36,7 @@ from router.quota.types import (
     Settlement,
     Strategy,
 )
-from tests.conftest import FakeClock
+from tests.conftest import FIXED_NOW_MS, FakeClock
 from tests.redis_server import RedisServer
 
 PROVIDER = "modelscope"
@@ -45,8 +44,7 @@ MODEL = "Qwen/Qwen3-235B-A22B:free"  # model names may hold '/' and ':'
 OTHER_MODEL = "deepseek-ai/DeepSeek-V3"
 DAY = "20991230"
 NEXT_DAY = "20991231"
-# Redis expires a day map by its own clock, so the times passed in stay close to real ones.
-NOW = int(time.time() * 1000)
+NOW = FIXED_NOW_MS  # 2099-12-30 02:00 UTC: no store may compare it with its server's clock
 DAY_END = NOW + 10 * 3_600_000
 
 
@@ -605,6 +603,26 @@ async def test_sqlite_restart_keeps_the_counts(tmp_path: Path) -> None:
         await second.aclose()
 
 
+async def test_sqlite_restart_purges_by_the_newest_day_not_by_the_machine_clock(
+    tmp_path: Path,
+) -> None:
+    """Days far from today (the quota day comes from the gateway's clock) survive a restart;
+    only days more than three before the newest one on record go."""
+    path = tmp_path / "quota.db"
+    keys = (key("a", 5),)
+    first = SqliteStore(path)
+    for day in ("20000101", "20000105", "20000108"):
+        await reserve(first, request(keys, day=day))
+    await first.aclose()
+    second = SqliteStore(path)
+    try:
+        used = {d: (await usage(second, keys, day=d))["a"].used for d in ("20000101", "20000105")}
+        assert used == {"20000101": 0, "20000105": 1}
+        assert (await usage(second, keys, day="20000108"))["a"].used == 1
+    finally:
+        await second.aclose()
+
+
 async def test_sqlite_two_stores_on_one_file_stay_exact(tmp_path: Path) -> None:
     keys = (key("a", 30), key("b", 30))
     stores = [SqliteStore(tmp_path / "shared.db") for _ in range(2)]
@@ -625,18 +643,28 @@ async def test_memory_drops_days_before_yesterday() -> None:
     assert used == {"20991228": 0, "20991229": 1}
 
 
-async def test_redis_day_map_expires_a_day_after_the_reset(redis_server: RedisServer) -> None:
+async def test_redis_day_map_lives_a_day_past_the_reset_whatever_redis_clock_says(
+    redis_server: RedisServer,
+) -> None:
+    """The time to live is a duration from the caller's now (here 2099, far from Redis's own
+    clock): an instant would be read on Redis's clock, and one it thinks past deletes the map."""
     prefix = f"test-{uuid.uuid4().hex}"
     store = RedisStore(redis_server.url, prefix=prefix)
     admin = Redis.from_url(redis_server.url, decode_responses=True)
+    lives = DAY_END + 86_400_000 - NOW
     try:
         res = await reserve(store, request((key("a"),)))
         day_map = f"{{{prefix}}}:p:{PROVIDER}:day:{DAY}"
         assert await admin.exists(day_map) == 1
-        assert await admin.pexpiretime(day_map) == DAY_END + 86_400_000
+        assert lives - 60_000 < await admin.pttl(day_map) <= lives
         await admin.persist(day_map)
         await store.settle(res, Settlement(release=True), NOW)  # settle restores the expiry
-        assert await admin.pexpiretime(day_map) == DAY_END + 86_400_000
+        assert lives - 60_000 < await admin.pttl(day_map) <= lives
+        # a caller far in the past of Redis's clock: its counts stay
+        past = replace(request((key("a"),)), day="20000101", now_ms=946_684_800_000)
+        past = replace(past, day_end_ms=past.now_ms + 3_600_000)
+        await reserve(store, past)
+        assert (await usage(store, (key("a"),), day="20000101"))["a"].used == 1
     finally:
         await admin.aclose()
         await store.aclose()
@@ -818,7 +846,7 @@ async def test_redis_every_call_is_one_round_trip(
 def test_redis_repr_hides_the_password() -> None:
     store = RedisStore("redis://router:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in repr(store)
-    assert "router:***@127.0.0.1:1" in repr(store)
+    assert "***:***@127.0.0.1:1" in repr(store)  # user and password
     unix = RedisStore("unix:///run/redis.sock?db=1&password=s3cret")
     assert "s3cret" not in str(unix)
 

@@ -8,8 +8,7 @@ from router.quota.redis_store import RedisStore
 from router.quota.resilient_store import ResilientStore
 from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore
-
-_SCHEMES = "redis://, rediss://, unix://, sqlite:///relative.db, sqlite:////abs/path.db, memory://"
+from router.quota.urls import REDIS_SCHEMES, mask_url, split_scheme, store_url_problem
 
 
 def open_store(
@@ -19,21 +18,19 @@ def open_store(
 
     ``on_error`` (store.on_error) applies to Redis only: "fail_open" wraps it in a
     ResilientStore; the default "fail_closed" answers 503 while Redis is away.
+    The schemes are router.quota.urls.STORE_SCHEMES, which the config checks too.
     """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise ValueError(f"quota store URL has no scheme; expected one of: {_SCHEMES}")
-    if scheme in ("redis", "rediss", "unix"):
-        redis = RedisStore(url, prefix=prefix)
+    problem = store_url_problem(url)
+    if problem is not None:
+        raise ValueError(f"quota store URL {mask_url(url)}: {problem}")
+    scheme, rest = split_scheme(url)
+    if scheme in REDIS_SCHEMES:
+        # redis-py wants its scheme in lower case.
+        redis = RedisStore(f"{scheme}://{rest}", prefix=prefix)
         return ResilientStore(redis) if on_error == "fail_open" else redis
     if scheme == "sqlite":
         # sqlite:///relative.db -> "relative.db" (from the CWD); sqlite:////abs.db -> "/abs.db"
-        if not rest.startswith("/") or rest == "/":
-            raise ValueError(
-                "sqlite store URL must be sqlite:///relative.db or sqlite:////abs/path.db"
-            )
         return SqliteStore(rest[1:])
     if scheme == "memory":
         return MemoryStore()
-    raise ValueError(f"unknown quota store scheme {scheme!r}; expected one of: {_SCHEMES}")
+    raise AssertionError(f"STORE_SCHEMES has {scheme!r}, which opens no store here")

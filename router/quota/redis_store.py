@@ -6,7 +6,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -31,6 +30,7 @@ from router.quota.types import (
     Settlement,
     SettleResult,
 )
+from router.quota.urls import mask_url
 
 T = TypeVar("T")
 
@@ -47,7 +47,6 @@ class DayDeltas(NamedTuple):
 
     provider: str | None  # None: the clients day map
     day: str
-    day_end_ms: int  # the reset that ends ``day``: the map expires a day after it
     deltas: Mapping[str, int]  # field -> calls to add (negative: calls given back)
 
 
@@ -55,21 +54,6 @@ class DayDeltas(NamedTuple):
 def _lua(name: str) -> str:
     """A script shipped as package data next to this module."""
     return (resources.files("router.quota") / "lua" / name).read_text(encoding="utf-8")
-
-
-def masked_url(url: str) -> str:
-    """``url`` with any password (in the userinfo or a ?password= query) replaced by ***."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{hostport}"
-    query = "&".join(
-        f"{name}={'***' if name.lower() == 'password' else value}"
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _text(value: Any) -> str:
@@ -193,7 +177,7 @@ class RedisStore:
     ) -> None:
         self._clock = clock
         if isinstance(redis, str):
-            self._where = masked_url(redis)
+            self._where = mask_url(redis)
             # A blocking pool: a burst beyond max_connections waits for a free connection
             # (each script is short) instead of failing with "Too many connections".
             pool = BlockingConnectionPool.from_url(
@@ -407,14 +391,17 @@ class RedisStore:
         reply was lost), so a retry never counts twice.
         """
         keys = [k.writeback_key(self._prefix, token)]
-        args: list[str | int] = [2 * DAY_MS]
+        # A write-back may come long after the day it counts: the maps live two days from it
+        # (a day map's writes all fall within a day of its end, so that keeps yesterday
+        # readable), a duration that needs no clock here.
+        args: list[str | int] = [2 * DAY_MS, 2 * DAY_MS]
         for entry in batch:
             deltas = [(field, delta) for field, delta in entry.deltas.items() if delta]
             if entry.provider is None:
                 keys.append(k.clients_key(self._prefix, entry.day))
             else:
                 keys.append(k.day_key(self._prefix, entry.provider, entry.day))
-            args += [entry.day_end_ms + DAY_MS, len(deltas)]
+            args.append(len(deltas))
             for field, delta in deltas:
                 args += [field, delta]
         reply = await self._io(self._writeback_script(keys=keys, args=args))

@@ -129,10 +129,8 @@ class _Ledger:
 
     def __init__(self) -> None:
         self._maps: dict[tuple[str | None, str], Counter[str]] = {}
-        self._day_end: dict[str, int] = {}
 
     def add(self, res: Reservation, calls: int) -> None:
-        self._day_end[res.day] = res.day_end_ms
         day = self._maps.setdefault((res.provider, res.day), Counter())
         day[k.used_field(res.key)] += calls
         day[k.model_used_field(res.key, res.model)] += calls
@@ -147,7 +145,7 @@ class _Ledger:
 
     def entries(self) -> list[DayDeltas]:
         return [
-            DayDeltas(provider, day, self._day_end[day], {f: n for f, n in counts.items() if n})
+            DayDeltas(provider, day, {f: n for f, n in counts.items() if n})
             for (provider, day), counts in self._maps.items()
             if any(counts.values())
         ]

@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
@@ -85,11 +85,18 @@ def _connect(path: str, busy_timeout_ms: int, retain_days: int, now_ms: int) -> 
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
-        # Quota days are local dates in some zone; a 3-day margin in UTC is safe for any.
-        cutoff = (datetime.now(UTC) - timedelta(days=retain_days)).strftime("%Y%m%d")
         with _immediate(conn):
-            conn.execute("DELETE FROM quota_day WHERE day < ?", (cutoff,))
-            conn.execute("DELETE FROM quota_client WHERE day < ?", (cutoff,))
+            # Old days go by the newest day on record, not by a clock: the quota day comes from
+            # the gateway's clock, which need not be this process's (a test's injected clock).
+            (newest,) = conn.execute(
+                "SELECT max(day) FROM (SELECT day FROM quota_day UNION ALL "
+                "SELECT day FROM quota_client)"
+            ).fetchone()
+            if newest is not None:
+                newest_day = datetime.strptime(newest, "%Y%m%d")
+                cutoff = (newest_day - timedelta(days=retain_days)).strftime("%Y%m%d")
+                conn.execute("DELETE FROM quota_day WHERE day < ?", (cutoff,))
+                conn.execute("DELETE FROM quota_client WHERE day < ?", (cutoff,))
             conn.execute("DELETE FROM quota_task WHERE expires_ms <= ?", (now_ms,))
     except BaseException:
         conn.close()

@@ -15,7 +15,13 @@ from router.quota.types import (
     ReserveRequest,
     Settlement,
     SettleResult,
+    Strategy,
 )
+
+# The readiness probe's own provider and key: a provider name config never accepts (':'), so
+# its counters are apart from every real one, and a key with no limit, so it always has room.
+PROBE_PROVIDER = "readyz:probe"
+_PROBE_KEYS = (KeySpec("probe", "probe", None, None),)
 
 
 class StoreError(Exception):
@@ -74,7 +80,8 @@ class QuotaStore(Protocol):
         ...
 
     async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
-        """Remember which provider/key created an asynchronous task (image generation)."""
+        """Remember which provider/key and client created an asynchronous task (image
+        generation): ``value`` is opaque to the store ("provider|key|client", router.proxy)."""
         ...
 
     async def recall_task(self, task_id: str) -> str | None: ...
@@ -88,7 +95,7 @@ class QuotaStore(Protocol):
 
 class ForwardingStore:
     """A QuotaStore that hands every call to ``inner``: the base of the wrappers
-    (ResilientStore, ReserveAhead), which override only what they change."""
+    (ResilientStore), which override only what they change."""
 
     def __init__(self, inner: QuotaStore) -> None:
         self.inner = inner
@@ -138,3 +145,18 @@ class ForwardingStore:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def probe_reservation(store: QuotaStore, day: str, now_ms: int, day_end_ms: int) -> None:
+    """Make one reservation on the probe key and give it back: what every request does first.
+
+    Raises StoreError when the store cannot reserve (unreachable, read-only, out of memory,
+    scripts refused), which a mere ping does not see.
+    """
+    req = ReserveRequest(
+        PROBE_PROVIDER, "probe", _PROBE_KEYS, Strategy.FILL_FIRST, day, now_ms, day_end_ms
+    )
+    outcome = await store.reserve(req)
+    if not isinstance(outcome, Reservation):
+        raise StoreError(f"the probe reservation was refused ({outcome.reason})")
+    await store.settle(outcome, Settlement(release=True), now_ms)

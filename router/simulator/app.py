@@ -81,6 +81,13 @@ class Call:
     def cut(self) -> bool:
         return self.fault is not None and self.fault.kind == "mid_stream_cut"
 
+    @property
+    def padding(self) -> int:
+        """Bytes a big_body fault pads a JSON answer with (0: none)."""
+        if self.fault is None or not self.fault.kind.startswith("big_body"):
+            return 0
+        return int(self.fault.number)
+
 
 CALL_KEY = web.RequestKey("sim_call", Call)
 Check = Callable[[Call], web.Response | None]
@@ -211,7 +218,7 @@ async def fault_non_json(call: Call, rule: FaultRule) -> web.StreamResponse | No
 
 
 async def fault_passthrough(call: Call, rule: FaultRule) -> web.StreamResponse | None:
-    return None  # mid_stream_cut: acted on by the answer writers
+    return None  # mid_stream_cut, big_body*: acted on by the answer writers
 
 
 FaultAction = Callable[[Call, FaultRule], Awaitable[web.StreamResponse | None]]
@@ -230,6 +237,8 @@ FAULT_ACTIONS: dict[str, FaultAction] = {
     "html_200": fault_html,
     "non_json_error": fault_non_json,
     "latency": fault_sleep_first,
+    "big_body": fault_passthrough,
+    "big_body_chunked": fault_passthrough,
 }
 
 
@@ -336,6 +345,8 @@ IMAGE_CHECKS: tuple[Check, ...] = (
 
 # -- answers ------------------------------------------------------------------------------
 async def send_json(call: Call, payload: dict[str, Any]) -> web.StreamResponse:
+    if call.padding:
+        return await send_padded(call, payload, call.padding)
     data = orjson.dumps(payload)
     if not call.cut:
         return web.Response(body=data, content_type="application/json")
@@ -344,6 +355,24 @@ async def send_json(call: Call, payload: dict[str, Any]) -> web.StreamResponse:
     await response.prepare(call.request)
     await response.write(data[: len(data) // 2])
     drop_connection(call.request)
+    return response
+
+
+async def send_padded(call: Call, payload: dict[str, Any], size: int) -> web.StreamResponse:
+    """A big_body fault: the real answer with a ``padding`` field of ``size`` bytes."""
+    data = orjson.dumps({**payload, "padding": "x" * size})
+    assert call.fault is not None
+    if call.fault.kind == "big_body":
+        return web.Response(body=data, content_type="application/json")
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.enable_chunked_encoding()
+    await response.prepare(call.request)
+    try:
+        for start in range(0, len(data), 64 * 1024):
+            await response.write(data[start : start + 64 * 1024])
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass  # the client stopped reading: the point of the fault
     return response
 
 

@@ -18,6 +18,9 @@ Kinds (``<arg>`` after a colon):
   html_200                            -- 200 text/html page
   non_json_error                      -- 502 text/plain
   latency:<ms>                        -- wait, then answer normally (counted)
+  big_body:<bytes>                    -- a real JSON answer (counted) padded to about that
+                                         size, with its Content-Length
+  big_body_chunked:<bytes>            -- the same, sent chunked (no Content-Length)
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ FAULT_KINDS: dict[str, str] = {
     "html_200": "",
     "non_json_error": "",
     "latency": "ms",
+    "big_body": "bytes",
+    "big_body_chunked": "bytes",
 }
 # Kinds whose answer is a real, counted answer.
-COUNTED_KINDS = frozenset({"mid_stream_cut", "latency"})
+COUNTED_KINDS = frozenset({"mid_stream_cut", "latency", "big_body", "big_body_chunked"})
 
 
 @dataclass(slots=True)

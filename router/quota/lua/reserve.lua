@@ -29,8 +29,11 @@ end
 
 local function fmt(x) return string.format('%d', x) end
 
--- Keep yesterday readable for a day, then let the counters expire by themselves.
-local function expire(map) redis.call('PEXPIREAT', map, fmt(day_end_ms + 86400000)) end
+-- Keep yesterday readable for a day, then let the counters expire by themselves. The time to
+-- live is a duration from the caller's clock (now_ms), never an instant on Redis's own clock:
+-- the two clocks may differ (an injected clock in tests, a skewed host), and PEXPIREAT at an
+-- instant Redis thinks is past would delete the counts at once.
+local function expire(map) redis.call('PEXPIRE', map, fmt(day_end_ms + 86400000 - now_ms)) end
 
 local function count(map, field) return tonumber(redis.call('HGET', map, field) or '0') end
 

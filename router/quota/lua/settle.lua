@@ -44,7 +44,7 @@ if ARGV[8] == '1' then
     if ARGV[21] == '1' then give_back(day_map, 'fu|' .. client) end
     give_back(clients_map, 't|' .. client)
     if ARGV[20] == '1' then give_back(clients_map, 'f|' .. client) end
-    redis.call('PEXPIREAT', clients_map, fmt(day_end_ms + 86400000))
+    redis.call('PEXPIRE', clients_map, fmt(day_end_ms + 86400000 - now_ms))
   end
 end
 
@@ -114,7 +114,8 @@ if ARGV[13] ~= '' then
 end
 
 -- The day map may be new here (a call settled after a flush): never leave it without expiry.
-redis.call('PEXPIREAT', day_map, fmt(day_end_ms + 86400000))
+-- A duration from the caller's clock, as in reserve.lua (never an instant on Redis's clock).
+redis.call('PEXPIRE', day_map, fmt(day_end_ms + 86400000 - now_ms))
 
 -- 5. disable: "fingerprint|reason"; a record for another secret does not count
 local newly_disabled = 0

@@ -2,18 +2,18 @@
 -- Applies once per batch token: a retry after a lost reply finds the marker and adds nothing.
 --
 -- KEYS[1] marker of this batch, KEYS[2..] the day maps and clients day maps to add to
--- ARGV[1] marker ttl ms, then per map (KEYS[i + 1]): expire_at_ms, n, n pairs (field, delta)
+-- ARGV[1] marker ttl ms, ARGV[2] map ttl ms, then per map (KEYS[i + 1]): n, n pairs (field, delta)
 -- Returns 1 when applied now, 0 when the batch was applied before.
 
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return 0
 end
-local a = 2
+local ttl = ARGV[2]
+local a = 3
 for i = 2, #KEYS do
   local map = KEYS[i]
-  local expire_at = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
+  local n = tonumber(ARGV[a])
+  a = a + 1
   for _ = 1, n do
     -- A release may meet a count already given back elsewhere: never below zero (logic.py).
     if redis.call('HINCRBY', map, ARGV[a], ARGV[a + 1]) < 0 then
@@ -21,7 +21,8 @@ for i = 2, #KEYS do
     end
     a = a + 2
   end
-  -- As reserve.lua: yesterday stays readable for a day, then the map expires by itself.
-  redis.call('PEXPIREAT', map, expire_at)
+  -- As reserve.lua, a duration and never an instant on Redis's clock: yesterday stays
+  -- readable for at least a day, then the map expires by itself.
+  redis.call('PEXPIRE', map, ttl)
 end
 return 1
