@@ -256,6 +256,42 @@ def _checks(checks: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _pool_sizes(results: list[dict[str, Any]], connections: list[int]) -> list[dict[str, Any]]:
+    """Issue #12: the largest pool against the smallest, in the same run (json mode)."""
+    sizes = sorted(
+        int(r["system"].removeprefix("gateway-redis-k"))
+        for r in results
+        if r["system"].startswith("gateway-redis-k")
+        and r["mode"] == "json"
+        and r["connections"] == 1
+    )
+    if len(sizes) < 2:
+        return []
+    small, large = f"gateway-redis-k{sizes[0]}", f"gateway-redis-k{sizes[-1]}"
+    c = 16 if 16 in connections else max(connections)
+    out = []
+    # (connections, field, unit, goal, whether the ratio large/small meets it)
+    for conns, field, unit, goal, met in (
+        (c, "rps", "req/s", ">= 0.9x", lambda r: r >= 0.9),
+        (1, "p50_ms", "ms", "<= 1.1x", lambda r: r <= 1.1),
+    ):
+        lo, hi = _row(results, small, "json", conns), _row(results, large, "json", conns)
+        if lo is None or hi is None or not lo[field]:
+            continue
+        ratio = round(hi[field] / lo[field], 2)
+        what = "throughput" if field == "rps" else "p50"
+        out.append(
+            _target(
+                f"{what} {sizes[-1]} keys / {sizes[0]} keys, json @{conns} conn",
+                ratio,
+                goal,
+                met(ratio),
+                f"{hi[field]:.2f} vs {lo[field]:.2f} {unit}",
+            )
+        )
+    return out
+
+
 def judge(
     results: list[dict[str, Any]],
     ttfc: list[dict[str, Any]],
@@ -264,6 +300,7 @@ def judge(
 ) -> list[dict[str, Any]]:
     return [
         *_throughput(results, connections),
+        *_pool_sizes(results, connections),
         *_latency(results),
         *_ttfc(ttfc),
         *_checks(checks),

@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --quick         # 2 s per cell, 1/16 connections
     .venv/bin/python -m bench.run --memory        # also 100k requests for the RSS target
     .venv/bin/python -m bench.run --profile       # also a py-spy profile of the hot path
+    .venv/bin/python -m bench.run --pool-sizes 2,1000   # the pool-size axis (the default)
 
 One process per system, all on loopback, all in front of the project's simulator: the upstream
 directly, a bare aiohttp pass-through (the floor), this gateway on Redis and on SQLite (client
@@ -39,6 +40,7 @@ from bench.systems import (
     chat_body,
     direct,
     gateway_settings,
+    pool_tokens,
     start_gateway,
     start_passthrough,
     workers_supported,
@@ -71,6 +73,7 @@ class Options:
     repeat: int
     out: Path
     alt_cache: Path | None
+    pool_sizes: list[int]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -90,6 +93,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is kept")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
     p.add_argument("--alt-cache", type=Path, help="reuse LiteLLM/Portkey installs in this dir")
+    p.add_argument(
+        "--pool-sizes",
+        default="2,1000",
+        help="keys in the provider for the gateway-redis-k<N> systems (comma list; '' for none)",
+    )
     a = p.parse_args(argv)
     conns = a.connections or ("1,16" if a.quick else "1,16,64")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -110,6 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         repeat=max(1, a.repeat),
         out=a.out,
         alt_cache=a.alt_cache,
+        pool_sizes=sorted({int(n) for n in a.pool_sizes.split(",") if n.strip()}),
     )
 
 
@@ -130,6 +139,7 @@ class Bench:
 
     def system_names(self) -> list[str]:
         names = list(CORE)
+        names += [f"gateway-redis-k{n}" for n in self.opts.pool_sizes]
         if workers_supported():
             names.append("gateway-redis-2w")
         if not self.opts.skip_alternatives:
@@ -148,8 +158,15 @@ class Bench:
             else:
                 store = f"sqlite:///{self.workdir / f'quota-{v}.db'}"
             workers = 2 if name.endswith("-2w") else None
+            pool = name.removeprefix("gateway-redis-k")
+            tokens = pool_tokens(int(pool)) if pool.isdigit() else TOKENS
             settings = gateway_settings(
-                sim, store, port=free_port(), prefix=f"bench-{name}-{v}", workers=workers
+                sim,
+                store,
+                port=free_port(),
+                prefix=f"bench-{name}-{v}",
+                workers=workers,
+                tokens=tokens,
             )
             return await start_gateway(self.workdir, f"{name}-{v}", settings)
         if name == "litellm":
@@ -193,7 +210,8 @@ class Bench:
         box (the cores are shared) biases one system less than a system-after-system order.
         Idle systems cost nothing meanwhile (sampled: 0 % of a core over 5 s, LiteLLM included).
         """
-        sim = await Simulator(self.workdir, variant).start()
+        pool = max(self.opts.pool_sizes, default=0)
+        sim = await Simulator(self.workdir, variant, pool_size=pool).start()
         endpoints: dict[str, Endpoint] = {}
         try:
             for name in self.system_names():

@@ -17,6 +17,13 @@ MODEL = "Qwen/Qwen3-32B"
 CLIENT_KEY = "sk-bench-client-0123456789abcdef"
 TOKENS = [("alice", "ms-bench-alice"), ("bob", "ms-bench-bob"), ("carol", "ms-bench-carol")]
 HUGE = 10**9  # daily limits no benchmark run can reach
+
+
+def pool_tokens(n: int) -> list[tuple[str, str]]:
+    """``n`` tokens for the pool-size axis (gateway-redis-k<n>): names k0000, k0001, ..."""
+    return [(f"k{i:04d}", f"ms-bench-k{i:04d}") for i in range(n)]
+
+
 CHAT = "/v1/chat/completions"
 
 
@@ -57,7 +64,14 @@ def chat_body(stream: bool) -> dict[str, Any]:
 class Simulator:
     """`python -m router simulate` as its own process."""
 
-    def __init__(self, workdir: Path, variant: Variant, token_limit: int = HUGE, name: str = "sim"):
+    def __init__(
+        self,
+        workdir: Path,
+        variant: Variant,
+        token_limit: int = HUGE,
+        name: str = "sim",
+        pool_size: int = 0,
+    ):
         self.variant = variant
         self.port = free_port()
         self.bailian_port = free_port()
@@ -70,7 +84,7 @@ class Simulator:
                         "daily_limit": token_limit,
                         "model_daily_limit": token_limit,
                     }
-                    for n, s in TOKENS
+                    for n, s in [*TOKENS, *pool_tokens(pool_size)]
                 ]
             },
             "bailian": {"keys": [{"secret": "sk-bench-bailian", "name": "main"}]},
@@ -131,8 +145,10 @@ def gateway_settings(
     token_limit: int = HUGE,
     bailian: bool = True,
     workers: int | None = None,
+    tokens: list[tuple[str, str]] = TOKENS,
 ) -> dict[str, Any]:
-    """A production-shaped config: three pooled tokens, Bailian fallback, one client key."""
+    """A production-shaped config: pooled tokens (three by default), Bailian fallback, one
+    client key."""
     providers: list[dict[str, Any]] = [
         {
             "name": "modelscope",
@@ -140,7 +156,7 @@ def gateway_settings(
             "base_url": sim.v1,
             "daily_limit": token_limit,
             "model_daily_limit": token_limit,
-            "keys": [{"name": n, "secret": s} for n, s in TOKENS],
+            "keys": [{"name": n, "secret": s} for n, s in tokens],
         }
     ]
     if bailian:

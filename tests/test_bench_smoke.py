@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-SYSTEMS = {"direct", "passthrough", "gateway-redis", "gateway-sqlite"}
+SYSTEMS = {
+    "direct",
+    "passthrough",
+    "gateway-redis",
+    "gateway-sqlite",
+    "gateway-redis-k2",
+    "gateway-redis-k50",
+}
 KEYS = {
     "schema",
     "date",
@@ -45,6 +52,7 @@ def test_quick_benchmark_answers_on_every_system(tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = ["--quick", "--skip-alternatives", "--duration", "1", "--connections", "1,4"]
     args += ["--modes", "json,stream", "--accounting-limit", "100", "--out", str(out)]
+    args += ["--pool-sizes", "2,50"]  # the pool-size axis, small
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", *args],
         cwd=ROOT,
@@ -77,4 +85,6 @@ def test_quick_benchmark_answers_on_every_system(tmp_path: Path) -> None:
     assert {r["system"] for r in report["ttfc"]} >= SYSTEMS
     assert all(t["samples"] > 0 and t["errors"] == 0 for t in report["ttfc"])
     assert report["targets"], "no targets judged"
+    judged = {t["target"] for t in report["targets"]}
+    assert "p50 50 keys / 2 keys, json @1 conn" in judged
     assert "| system |" in (out / "latest.md").read_text(encoding="utf-8")
