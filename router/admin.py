@@ -1,4 +1,5 @@
-"""The admin API under /admin: quota and client status, key actions, reload, its OpenAPI.
+"""The admin API under /admin: quota and client status, key actions, reload, its OpenAPI
+document (data: admin_openapi.yaml).
 
 It has its own key (``admin: {key | key_sha256}``), sent as ``Authorization: Bearer`` or
 ``X-Api-Key``. Without an admin key in the config every /admin route answers 404. Everything
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from importlib import resources
+from typing import Any
 
 import orjson
+import yaml
 from aiohttp import web
 
 from router.auth import find_key, presented_key
@@ -21,23 +24,16 @@ from router.errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Una
 from router.quota.days import quota_day, to_ms
 from router.quota.store import StoreError
 from router.runtime import Runtime
+from router.state import LIVE
 from router.status import Document, clients_document, key_view, quota_document
-
-if TYPE_CHECKING:
-    from router.app import Live
 
 log = logging.getLogger("router.admin")
 
 DEFAULT_DISABLE_REASON = "disabled by an administrator"
-MAX_REASON_CHARS = 500
+MAX_REASON_CHARS = 500  # admin_openapi.yaml says so too (maxLength of "reason")
+OPENAPI_FILE = "admin_openapi.yaml"
 
 AdminHandler = Callable[[web.Request, Runtime], Awaitable[Document]]
-
-
-def _live(request: web.Request) -> Live:
-    from router.app import LIVE  # router.app imports this module: look the key up late
-
-    return request.app[LIVE]
 
 
 def authorize(headers: Mapping[str, str], settings: Settings) -> None:
@@ -73,7 +69,7 @@ def admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Respon
     """Check the admin key of the current configuration, then answer the handler's document."""
 
     async def wrapped(request: web.Request) -> web.Response:
-        runtime = _live(request).runtime
+        runtime = request.app[LIVE].runtime
         authorize(request.headers, runtime.settings)
         try:
             document = await handler(request, runtime)
@@ -176,7 +172,7 @@ async def reset_key(request: web.Request, runtime: Runtime) -> Document:
 
 async def reload_config(request: web.Request, runtime: Runtime) -> Document:
     try:
-        settings = await _live(request).reload()
+        settings = await request.app[LIVE].reload()
     except ConfigError as exc:
         log.error("admin reload refused, the old configuration stays: %s", exc)
         raise BadRequest(
@@ -214,323 +210,8 @@ def add_admin_routes(app: web.Application) -> None:
 # -- the OpenAPI document (the test suite checks it against the routes above) -----------------
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _answer(description: str, schema: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
-
-
-_ERRORS = {
-    "401": _answer("The admin key is missing or wrong.", "Error"),
-    "403": _answer("A client key was sent instead of the admin key.", "Error"),
-    "404": _answer("The admin API is disabled (no admin key configured).", "Error"),
-}
-_STORE_DOWN = {"503": _answer("The quota store cannot be reached.", "Error")}
-_KEY_PARAMS = [
-    {
-        "name": "provider",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-        "description": "A provider name from the config.",
-    },
-    {
-        "name": "key",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-        "description": "A key name of that provider (never its secret).",
-    },
-]
-_NOT_FOUND = {"404": _answer("Unknown provider or key, or the admin API is disabled.", "Error")}
-
-
-def _key_action(summary: str, description: str, body: bool = False) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "summary": summary,
-        "description": description,
-        "parameters": _KEY_PARAMS,
-        "responses": {
-            "200": _answer("The key's state after the action.", "KeyAction"),
-            **_ERRORS,
-            **_NOT_FOUND,
-            **_STORE_DOWN,
-        },
-    }
-    if body:
-        operation["requestBody"] = {
-            "required": False,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"reason": {"type": "string", "maxLength": MAX_REASON_CHARS}},
-                        "additionalProperties": False,
-                    }
-                }
-            },
-        }
-        operation["responses"]["400"] = _answer("The body is not valid.", "Error")
-    return operation
-
-
-_NULLABLE_INT = {"type": ["integer", "null"], "minimum": 0}
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["message", "type", "code"],
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string"},
-                    "param": {"type": ["string", "null"]},
-                    "code": {"type": ["string", "null"]},
-                },
-            }
-        },
-    },
-    "Moment": {
-        "type": "object",
-        "required": ["iso", "unix"],
-        "properties": {
-            "iso": {"type": "string", "format": "date-time", "description": "in quota.timezone"},
-            "unix": {"type": "number", "description": "Unix time in seconds"},
-        },
-    },
-    "Reset": {
-        "allOf": [
-            _ref("Moment"),
-            {
-                "type": "object",
-                "required": ["in_seconds"],
-                "properties": {"in_seconds": {"type": "integer", "minimum": 0}},
-            },
-        ]
-    },
-    "State": {"type": "string", "enum": ["available", "exhausted", "cooling", "disabled"]},
-    "ModelQuota": {
-        "type": "object",
-        "required": ["model", "used", "limit", "remaining", "state", "until"],
-        "properties": {
-            "model": {"type": "string", "description": "the upstream model name"},
-            "used": {"type": "integer", "minimum": 0},
-            "limit": _NULLABLE_INT,
-            "remaining": _NULLABLE_INT,
-            "state": _ref("State"),
-            "until": {"oneOf": [_ref("Moment"), {"type": "null"}], "description": "cooling"},
-        },
-    },
-    "KeyQuota": {
-        "type": "object",
-        "required": ["name", "used", "limit", "remaining", "state", "reason", "until", "models"],
-        "properties": {
-            "name": {"type": "string"},
-            "used": {"type": "integer", "minimum": 0},
-            "limit": _NULLABLE_INT,
-            "remaining": _NULLABLE_INT,
-            "state": _ref("State"),
-            "reason": {"type": ["string", "null"], "description": "disabled or exhausted"},
-            "until": {"oneOf": [_ref("Moment"), {"type": "null"}], "description": "cooling"},
-            "models": {"type": "array", "items": _ref("ModelQuota")},
-        },
-    },
-    "ProviderQuota": {
-        "type": "object",
-        "required": ["name", "type", "paid", "strategy", "used", "limit", "remaining", "keys"],
-        "properties": {
-            "name": {"type": "string"},
-            "type": {"type": "string"},
-            "paid": {"type": "boolean"},
-            "strategy": {"type": "string"},
-            "used": {"type": "integer", "minimum": 0},
-            "limit": _NULLABLE_INT,
-            "remaining": {
-                **_NULLABLE_INT,
-                "description": "calls left on keys that are available or cooling",
-            },
-            "keys": {"type": "array", "items": _ref("KeyQuota")},
-        },
-    },
-    "Quota": {
-        "type": "object",
-        "required": ["day", "timezone", "now", "next_reset", "providers"],
-        "properties": {
-            "day": {"type": "string", "format": "date", "description": "the quota day"},
-            "timezone": {"type": "string"},
-            "now": _ref("Moment"),
-            "next_reset": _ref("Reset"),
-            "providers": {"type": "array", "items": _ref("ProviderQuota")},
-        },
-    },
-    "ClientDay": {
-        "type": "object",
-        "required": ["used", "free_used", "remaining", "fair_share"],
-        "properties": {
-            "used": {"type": "integer", "minimum": 0},
-            "free_used": {"type": "integer", "minimum": 0},
-            "remaining": {**_NULLABLE_INT, "description": "of the client's daily_limit"},
-            "fair_share": {
-                "type": "array",
-                "description": "per free provider once its pool is shared out",
-                "items": {
-                    "type": "object",
-                    "required": ["provider", "share", "used", "remaining"],
-                    "properties": {
-                        "provider": {"type": "string"},
-                        "share": {"type": "integer"},
-                        "used": {"type": "integer"},
-                        "remaining": {"type": "integer"},
-                    },
-                },
-            },
-        },
-    },
-    "Client": {
-        "type": "object",
-        "required": ["name", "daily_limit", "share", "models", "fallback", "today", "yesterday"],
-        "properties": {
-            "name": {"type": "string"},
-            "daily_limit": _NULLABLE_INT,
-            "share": {"type": "number", "description": "weight in the fair share"},
-            "models": {"type": ["array", "null"], "items": {"type": "string"}},
-            "fallback": {"type": "boolean"},
-            "today": _ref("ClientDay"),
-            "yesterday": _ref("ClientDay"),
-        },
-    },
-    "Clients": {
-        "type": "object",
-        "required": ["day", "yesterday", "timezone", "now", "next_reset", "open", "clients"],
-        "properties": {
-            "day": {"type": "string", "format": "date"},
-            "yesterday": {"type": "string", "format": "date"},
-            "timezone": {"type": "string"},
-            "now": _ref("Moment"),
-            "next_reset": _ref("Reset"),
-            "open": {
-                "type": "boolean",
-                "description": "no clients configured: anyone may call, nobody is counted",
-            },
-            "fair_share": {"type": "object"},
-            "clients": {"type": "array", "items": _ref("Client")},
-        },
-    },
-    "KeyAction": {
-        "type": "object",
-        "required": ["status", "provider", "key"],
-        "properties": {
-            "status": {"type": "string", "enum": ["disabled", "enabled", "reset"]},
-            "provider": {"type": "string"},
-            "key": _ref("KeyQuota"),
-            "changed": {"type": "boolean", "description": "disable: it was not disabled before"},
-        },
-    },
-    "Reloaded": {
-        "type": "object",
-        "required": ["status", "providers", "keys", "clients"],
-        "properties": {
-            "status": {"const": "reloaded"},
-            "providers": {"type": "integer"},
-            "keys": {"type": "integer"},
-            "clients": {"type": "integer"},
-        },
-    },
-}
-
-
 def openapi_document() -> Document:
-    """The OpenAPI 3.1 description of the admin API."""
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "modelscope-router admin API",
-            "version": "1",
-            "description": (
-                "Quota and client status, key actions and live reload. Reads and writes go "
-                "to the shared quota store: every replica sees them at once. Secrets never "
-                "appear in an answer."
-            ),
-        },
-        "security": [{"adminKey": []}, {"adminApiKey": []}],
-        "paths": {
-            "/admin/quota": {
-                "get": {
-                    "summary": "Usage, limits and state of every key and (key, model) today",
-                    "responses": {
-                        "200": _answer("The quota day.", "Quota"),
-                        **_ERRORS,
-                        **_STORE_DOWN,
-                    },
-                }
-            },
-            "/admin/clients": {
-                "get": {
-                    "summary": "Usage of every client today and yesterday",
-                    "responses": {
-                        "200": _answer("The clients.", "Clients"),
-                        **_ERRORS,
-                        **_STORE_DOWN,
-                    },
-                }
-            },
-            "/admin/keys/{provider}/{key}/disable": {
-                "post": _key_action(
-                    "Disable a key on every replica",
-                    "The key serves nothing until enabled, or until its secret changes.",
-                    body=True,
-                )
-            },
-            "/admin/keys/{provider}/{key}/enable": {
-                "post": _key_action("Enable a disabled key", "Forget that the key was disabled.")
-            },
-            "/admin/keys/{provider}/{key}/reset": {
-                "post": _key_action(
-                    "Clear a key's counters of today",
-                    "Forget today's counts, exhaustion and cooldowns of the key (e.g. after "
-                    "buying more quota).",
-                )
-            },
-            "/admin/reload": {
-                "post": {
-                    "summary": "Load the config file again",
-                    "description": (
-                        "Requests in flight finish on the old configuration; today's counts "
-                        "stay. 'server' and 'store' changes need a restart. SIGHUP does the same."
-                    ),
-                    "responses": {
-                        "200": _answer("The new configuration serves.", "Reloaded"),
-                        "400": _answer("The new config is invalid; the old one stays.", "Error"),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/admin/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        **_ERRORS,
-                    },
-                }
-            },
-        },
-        "components": {
-            "securitySchemes": {
-                "adminKey": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "Authorization: Bearer <admin.key>",
-                },
-                "adminApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
-            },
-            "schemas": _SCHEMAS,
-        },
-    }
+    """The OpenAPI 3.1 description of the admin API, kept as data in admin_openapi.yaml."""
+    text = resources.files("router").joinpath(OPENAPI_FILE).read_text(encoding="utf-8")
+    document: Document = yaml.safe_load(text)
+    return document

@@ -6,13 +6,7 @@ and a test holds the three together. Labels carry key *names*, never secrets.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable, Sequence
-from itertools import accumulate
-
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (
@@ -30,122 +24,41 @@ OVERHEAD_BUCKETS = (
 )
 
 
-class HotCounter:
-    """A counter family for the request path: a dict of floats per label values, no lock.
-
-    prometheus-client's Counter validates label values and takes a lock on every call (about
-    1.5 µs with ``labels``, 0.4 µs without), several times a request. The gateway updates
-    these only from its event loop thread, where /metrics is collected too, so nothing needs
-    the lock; the registry collects them like any metric (``HotCollector``).
-    """
-
-    __slots__ = ("doc", "labels", "name", "values")
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
-        self.name, self.doc, self.labels = name, doc, list(labels)
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, *label_values: str) -> None:
-        values = self.values
-        values[label_values] = values.get(label_values, 0.0) + 1.0
-
-    def family(self) -> Metric:
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-        for label_values, value in self.values.items():
-            family.add_metric(list(label_values), value)
-        return family
-
-
-class _Series:
-    __slots__ = ("counts", "sum")
-
-    def __init__(self, size: int) -> None:
-        self.counts = [0] * size  # per bucket, not cumulative; the last one is +Inf
-        self.sum = 0.0
-
-
-class HotHistogram:
-    """A histogram family for the request path, as HotCounter: per label values, a count per
-    bucket and a sum; the bucket of a value is the first upper bound at or above it."""
-
-    __slots__ = ("bounds", "doc", "labels", "name", "series")
-
-    def __init__(
-        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
-    ) -> None:
-        self.name, self.doc, self.labels = name, doc, list(labels)
-        self.bounds = tuple(sorted(float(b) for b in buckets))
-        self.series: dict[tuple[str, ...], _Series] = {}
-
-    def observe(self, value: float, *label_values: str) -> None:
-        series = self.series.get(label_values)
-        if series is None:
-            series = self.series[label_values] = _Series(len(self.bounds) + 1)
-        series.counts[bisect_left(self.bounds, value)] += 1
-        series.sum += value
-
-    def family(self) -> Metric:
-        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
-        uppers = [repr(b) for b in self.bounds] + ["+Inf"]  # as prometheus-client writes them
-        for label_values, series in self.series.items():
-            cumulative = list(accumulate(series.counts))
-            family.add_metric(
-                list(label_values), list(zip(uppers, cumulative, strict=True)), series.sum
-            )
-        return family
-
-
-class HotCollector(Collector):
-    """Hands the registry the hot metrics' families at each scrape."""
-
-    def __init__(self, metrics: Sequence[HotCounter | HotHistogram]) -> None:
-        self._metrics = tuple(metrics)
-
-    def collect(self) -> Iterable[Metric]:
-        return [m.family() for m in self._metrics]
-
-    def describe(self) -> Iterable[Metric]:  # names only: the registry checks them for clashes
-        return [m.family() for m in self._metrics]
-
-
 class Metrics:
+    """The gateway's metrics on one registry: traffic (updated by the request path) and quota
+    (read from the store by router.quota_metrics)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._traffic(registry)
         self._quota(registry)
-        registry.register(
-            HotCollector(
-                [self.requests, self.request_duration, self.upstream_duration, self.overhead]
-            )
-        )
-        # Requests being handled: counted by the request path as a plain int, read at scrape.
-        self.handling = 0
-        self.inflight.set_function(lambda: self.handling)
 
     def _traffic(self, registry: CollectorRegistry) -> None:
-        # Updated on every request: the lock-free kind (HotCounter), collected the same way.
-        self.requests = HotCounter(
+        self.requests = Counter(
             "router_requests",
             "Requests answered, by client, model (alias or upstream id), provider and status.",
             ["client", "model", "provider", "status"],
+            registry=registry,
         )
-        self.request_duration = HotHistogram(
+        self.request_duration = Histogram(
             "router_request_duration_seconds",
             "Whole request time, by the provider that answered.",
             ["provider"],
-            LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.upstream_duration = HotHistogram(
+        self.upstream_duration = Histogram(
             "router_upstream_duration_seconds",
             "Time to the upstream's first byte.",
             ["provider", "key"],
-            LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.overhead = HotHistogram(
+        self.overhead = Histogram(
             "router_overhead_seconds",
             "Time spent in the gateway itself: the request's time less upstream and client waits.",
-            [],
-            OVERHEAD_BUCKETS,
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
         )
         self.failovers = Counter(
             "router_failovers",

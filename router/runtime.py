@@ -1,8 +1,7 @@
-"""Everything built from one configuration, swapped whole on reload.
-
-A request holds the Runtime it started with until it ends, so a reload never drops an
-in-flight request or stream; the old Runtime closes its upstream sessions once drained.
-The quota store and the metrics registry outlive runtimes: today's counts are never lost.
+"""Everything built from one configuration, swapped whole on reload. A request holds the Runtime it
+started with until it ends, so a reload never drops an in-flight request or stream; the old
+Runtime closes its upstream sessions once drained. The quota store and the metrics registry
+outlive runtimes: today's counts are never lost.
 """
 
 from __future__ import annotations
@@ -13,14 +12,16 @@ import logging
 from collections.abc import Awaitable, Callable, Container
 from datetime import datetime
 
+from router.auth import ClientAuth
 from router.catalog import Catalog
 from router.config import Settings
+from router.failover import Failover
 from router.metrics import Metrics
 from router.pool import KeyPool
-from router.proxy import Proxy
 from router.quota.resilient_store import ResilientStore
 from router.quota.store import QuotaStore
 from router.quota_metrics import QuotaReporter
+from router.routing import RouteTable
 from router.scheduler import watch_day_rollover
 from router.upstream import Upstreams
 
@@ -30,6 +31,9 @@ CATALOG_FIRST_LOOK_SECONDS = 5.0
 
 
 class Runtime:
+    """One configuration's client keys, routes, key pool, model catalog, upstream sessions,
+    failover engine and quota reporter, and the requests running on them."""
+
     def __init__(
         self,
         settings: Settings,
@@ -41,14 +45,17 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.store = store  # the app's: outlives this runtime
+        self.metrics = metrics  # the app's too
         self.clock = clock
+        self.auth = ClientAuth(settings.clients)
+        self.routes = RouteTable(settings)
         self.pool = KeyPool(settings)
         self.catalog = Catalog(settings)
         if previous is not None:
             self.catalog.inherit(previous.catalog)
         self.upstreams = Upstreams(settings.providers)
-        self.proxy = Proxy(
-            settings, self.store, self.upstreams, self.pool, self.catalog, metrics, clock
+        self.failover = Failover(
+            settings, store, self.upstreams, self.pool, self.catalog, self.routes, metrics, clock
         )
         self.reporter = QuotaReporter(
             settings, self.store, self.pool, metrics, clock, self.known_models

@@ -9,29 +9,25 @@ SIGHUP: reload the config file. ``server.workers: N`` runs N processes on one po
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from aiohttp import web
 
-from router.app import CLOSE_TIMEOUT_SECONDS, INFLIGHT, LIFECYCLE, create_app
+from router.app import create_app
 from router.config import Settings
 from router.logs import configure_logging
 from router.quota.urls import mask_url
+from router.state import CLOSE_TIMEOUT_SECONDS, INFLIGHT, LIFECYCLE
 
 log = logging.getLogger("router.serve")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 KEEPALIVE_SECONDS = 75.0
-GC_YOUNG_THRESHOLD = 20_000
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -73,7 +69,7 @@ async def _serve_until_stopped(
 ) -> int:
     grace = settings.server.shutdown_grace_seconds
     app = create_app(settings, config_path=config_path)
-    # Handlers are waited for (and cut) by router.app.InFlight; aiohttp's own wait is only for
+    # Handlers are waited for (and cut) by router.state.InFlight; aiohttp's own wait is only for
     # the last answers to be written. Never 0: aiohttp reads a shutdown_timeout of 0 as "no limit".
     # An idle keep-alive connection is closed after 75 s (aiohttp's own default is an hour).
     runner = web.AppRunner(
@@ -91,14 +87,6 @@ async def _serve_until_stopped(
         backlog=1024,
     )
     await site.start()
-    # What startup built (modules, config, routes: tens of thousands of objects) lives as long
-    # as the process: frozen, the full collections stop walking it. And a young generation of
-    # 20,000 instead of 700: a request's garbage is freed by reference counting before a
-    # collection looks at it, so the collector stays out of the request path (3-4 µs a request
-    # at the default, measured with gc.callbacks under load; none at this size).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:

@@ -10,8 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +21,12 @@ from prometheus_client import CollectorRegistry
 from router.app import create_app
 from router.config import Settings
 from router.demo import running
+from tests.conftest import GatewayClock
+
+#: The gateway tests' clock under its former name (tests/test_store_faults.py imports it).
+FakeClock = GatewayClock
 
 CLIENT_KEY = "sk-test-client-key"
-
-
-@dataclass
-class FakeClock:
-    """A settable clock shared by the gateway (datetime) and the simulator (Unix seconds)."""
-
-    now: datetime = field(default_factory=lambda: datetime(2026, 11, 29, 6, 0, tzinfo=UTC))
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def seconds(self) -> float:
-        return self.now.timestamp()
-
-    def advance(self, **kwargs: float) -> None:
-        self.now += timedelta(**kwargs)
 
 
 def free_port() -> int:

@@ -6,20 +6,20 @@ import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from router.admin import openapi_document
+from router.admin import MAX_REASON_CHARS, openapi_document
 from router.app import create_app
 from router.config import Settings
 from router.simulator import Simulator
+from tests.conftest import MODEL, TOKENS, GatewayClock, sim_config
 from tests.redis_server import RedisServer
-from tests.support import CLIENT_KEY, FakeClock, GatewayProcess, gateway
-from tests.test_gateway import MODEL, TOKENS, ask, config_for, openai_client, sim_config
+from tests.support import CLIENT_KEY, GatewayProcess, gateway
+from tests.test_gateway import ask, config_for, openai_client
 
 ADMIN_KEY = "sk-test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -28,17 +28,6 @@ SECRETS = [s for _, s in TOKENS] + ["sk-test-bailian", CLIENT_KEY, ADMIN_KEY]
 
 def with_admin(config: dict[str, Any], admin: dict[str, str] | None = None) -> dict[str, Any]:
     return {**config, "admin": admin if admin is not None else {"key": ADMIN_KEY}}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
-        yield simulator
 
 
 async def call(
@@ -65,9 +54,9 @@ def assert_error(answer: tuple[int, Any], status: int, code: str | None = None) 
 
 
 async def test_without_an_admin_key_every_admin_route_is_404(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
-    async with gateway(config_for(sim), clock) as url, aiohttp.ClientSession() as http:
+    async with gateway(config_for(sim), gateway_clock) as url, aiohttp.ClientSession() as http:
         for method, path in [
             ("GET", "/admin/quota"),
             ("GET", "/admin/clients"),
@@ -86,14 +75,14 @@ async def test_without_an_admin_key_every_admin_route_is_404(
 
 
 @pytest.mark.parametrize("form", ["key", "key_sha256"])
-async def test_admin_key_matrix(sim: Simulator, clock: FakeClock, form: str) -> None:
+async def test_admin_key_matrix(sim: Simulator, gateway_clock: GatewayClock, form: str) -> None:
     admin = (
         {"key": ADMIN_KEY}
         if form == "key"
         else {"key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}
     )
     config = with_admin(config_for(sim), admin)
-    async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+    async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
         quota = url + "/admin/quota"
         assert_error(await call(http, "GET", quota), 401, "missing_api_key")
         assert_error(await call(http, "GET", quota, {"Authorization": "Bearer "}), 401)
@@ -124,15 +113,15 @@ async def test_admin_key_matrix(sim: Simulator, clock: FakeClock, form: str) -> 
 # -- what it reports ---------------------------------------------------------------------------
 
 
-async def test_quota_and_clients_equal_what_was_served(clock: FakeClock) -> None:
+async def test_quota_and_clients_equal_what_was_served(gateway_clock: GatewayClock) -> None:
     served: list[tuple[str, str]] = []
     # The simulator's per-model limit equals the gateway's (its remaining headers agree).
     config = sim_config(2, 2)
     for token in config.modelscope.tokens:
         token.model_daily_limit = 100_000
     async with (
-        Simulator(config, clock=clock.seconds) as sim,
-        gateway(with_admin(config_for(sim)), clock) as url,
+        Simulator(config, clock=gateway_clock.seconds) as sim,
+        gateway(with_admin(config_for(sim)), gateway_clock) as url,
     ):
         client = openai_client(url)
         try:
@@ -152,7 +141,7 @@ async def test_quota_and_clients_equal_what_was_served(clock: FakeClock) -> None
     # 06:00 UTC is 14:00 in Shanghai: ten hours to the reset
     assert quota["next_reset"]["in_seconds"] == 10 * 3600
     assert quota["next_reset"]["iso"] == "2026-11-30T00:00:00+08:00"
-    assert quota["next_reset"]["unix"] == clock.now.timestamp() + 10 * 3600
+    assert quota["next_reset"]["unix"] == gateway_clock.now.timestamp() + 10 * 3600
     modelscope, bailian = quota["providers"]
     by_token = sim.state.stats("modelscope")["by_token"]
     assert [k["name"] for k in modelscope["keys"]] == [name for name, _ in TOKENS]
@@ -192,7 +181,7 @@ async def test_quota_and_clients_equal_what_was_served(clock: FakeClock) -> None
 
 
 async def test_clients_show_limits_and_fair_shares(
-    sim: Simulator, clock: FakeClock, tmp_path: Path
+    sim: Simulator, gateway_clock: GatewayClock, tmp_path: Path
 ) -> None:
     config = with_admin(config_for(sim, store_url=f"sqlite:///{tmp_path / 'q.db'}"))
     config["clients"] = [
@@ -200,7 +189,7 @@ async def test_clients_show_limits_and_fair_shares(
         {"name": "bots", "key": "sk-test-bots", "models": ["qwen*"], "fallback": False},
     ]
     config["fair_share"] = {"below": 0.5}
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         client = openai_client(url)
         try:
             for _ in range(5):
@@ -231,11 +220,13 @@ async def test_clients_show_limits_and_fair_shares(
     }
 
 
-async def test_a_throttled_key_shows_cooling_until(sim: Simulator, clock: FakeClock) -> None:
+async def test_a_throttled_key_shows_cooling_until(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
     sim.faults.add("throttle", token="alice", count=1)
     config = with_admin(config_for(sim))
     config["providers"][0]["strategy"] = "fill_first"
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         client = openai_client(url)
         try:
             assert (await ask(client))[:2] == ("modelscope", "bob")
@@ -247,15 +238,15 @@ async def test_a_throttled_key_shows_cooling_until(sim: Simulator, clock: FakeCl
     cooling = [alice, *alice["models"]]
     until = [item["until"] for item in cooling if item["state"] == "cooling"]
     assert until, alice
-    assert until[0]["unix"] > clock.now.timestamp()
+    assert until[0]["unix"] > gateway_clock.now.timestamp()
     assert until[0]["iso"].startswith("2026-11-29T14:00:")  # Shanghai time, seconds away
     assert alice["used"] == 0  # a throttled call is given back
 
 
-async def test_key_actions_in_one_gateway(sim: Simulator, clock: FakeClock) -> None:
+async def test_key_actions_in_one_gateway(sim: Simulator, gateway_clock: GatewayClock) -> None:
     config = with_admin(config_for(sim))
     config["providers"][0]["strategy"] = "fill_first"
-    async with gateway(config, clock) as url, aiohttp.ClientSession(headers=ADMIN) as http:
+    async with gateway(config, gateway_clock) as url, aiohttp.ClientSession(headers=ADMIN) as http:
         keys = url + "/admin/keys"
         assert_error(
             await call(http, "POST", keys + "/nope/alice/disable"), 404, "provider_not_found"
@@ -389,11 +380,13 @@ def refs(tree: Any) -> list[str]:
     return []
 
 
-async def test_openapi_document_matches_the_routes(sim: Simulator, clock: FakeClock) -> None:
+async def test_openapi_document_matches_the_routes(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
     config = with_admin(config_for(sim))
     registered = registered_admin_routes(Settings.model_validate(config))
     async with (
-        gateway(config, clock) as url,
+        gateway(config, gateway_clock) as url,
         aiohttp.ClientSession(headers=ADMIN) as http,
         http.get(url + "/admin/openapi.json") as response,
     ):
@@ -425,12 +418,18 @@ async def test_openapi_document_matches_the_routes(sim: Simulator, clock: FakeCl
         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"]
 
 
+def test_the_openapi_data_states_the_disable_reason_limit_the_handler_applies() -> None:
+    operation = openapi_document()["paths"]["/admin/keys/{provider}/{key}/disable"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["properties"]["reason"]["maxLength"] == MAX_REASON_CHARS
+
+
 # -- secrets -----------------------------------------------------------------------------------
 
 
-async def test_no_secret_in_any_admin_answer(sim: Simulator, clock: FakeClock) -> None:
+async def test_no_secret_in_any_admin_answer(sim: Simulator, gateway_clock: GatewayClock) -> None:
     answers: list[str] = []
-    async with gateway(with_admin(config_for(sim)), clock) as url:
+    async with gateway(with_admin(config_for(sim)), gateway_clock) as url:
         client = openai_client(url)
         try:
             for _ in range(3):

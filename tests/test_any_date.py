@@ -22,9 +22,9 @@ from router.pool import KeyPool
 from router.quota.days import quota_day, to_ms
 from router.quota.redis_store import RedisStore
 from router.simulator import Simulator
+from tests.conftest import MODEL, TOKENS, GatewayClock, sim_config
 from tests.redis_server import RedisServer
-from tests.support import CLIENT_KEY, FakeClock, gateway_config
-from tests.test_gateway import MODEL, TOKENS, sim_config
+from tests.support import CLIENT_KEY, gateway_config
 from tests.test_store import _eval_calls
 
 
@@ -36,7 +36,7 @@ from tests.test_store import _eval_calls
 async def test_the_gateway_counts_every_call_once_with_one_round_trip_each(
     redis_server: RedisServer, now: datetime
 ) -> None:
-    clock = FakeClock(now)
+    clock = GatewayClock(now)
     prefix = f"t{uuid.uuid4().hex[:8]}"
     async with Simulator(sim_config(1000, None), clock=clock.seconds) as sim:
         config = gateway_config(

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from router.app import LIVE, create_app
+from router.app import create_app
 from router.config import Settings
 from router.demo import running
 from router.quota.memory_store import MemoryStore
@@ -26,12 +26,10 @@ from router.quota.store import PROBE_PROVIDER
 from router.quota.types import NoCapacity, Reservation, ReserveRequest, Settlement, SettleResult
 from router.simulator import Simulator
 from router.simulator.app import CTX
-from tests import test_gateway
-from tests.support import CLIENT_KEY, FakeClock
-from tests.test_gateway import MODEL, config_for
-
-clock = test_gateway.clock  # the FakeClock fixture, shared with the gateway tests
-sim = test_gateway.sim  # both simulated upstreams on loopback (2 calls a token)
+from router.state import LIVE
+from tests.conftest import MODEL, GatewayClock
+from tests.support import CLIENT_KEY
+from tests.test_gateway import config_for
 
 EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-8B"
 CHAT = "/v1/chat/completions"
@@ -104,7 +102,7 @@ class Env:
 
 @asynccontextmanager
 async def environment(
-    sim: Simulator, clock: FakeClock, *, max_body_bytes: int | None = None, clients: bool = True
+    sim: Simulator, clock: GatewayClock, *, max_body_bytes: int | None = None, clients: bool = True
 ) -> AsyncIterator[Env]:
     config = config_for(sim, clients=clients)
     if max_body_bytes is not None:
@@ -118,8 +116,8 @@ async def environment(
 
 
 @pytest.fixture
-async def env(sim: Simulator, clock: FakeClock) -> AsyncIterator[Env]:
-    async with environment(sim, clock) as made:
+async def env(sim: Simulator, gateway_clock: GatewayClock) -> AsyncIterator[Env]:
+    async with environment(sim, gateway_clock) as made:
         yield made
 
 
@@ -256,8 +254,8 @@ async def test_bad_embeddings_body_is_400_and_spends_nothing(
     env.untouched()
 
 
-async def test_body_over_max_body_bytes_is_413(sim: Simulator, clock: FakeClock) -> None:
-    async with environment(sim, clock, max_body_bytes=1024) as env:
+async def test_body_over_max_body_bytes_is_413(sim: Simulator, gateway_clock: GatewayClock) -> None:
+    async with environment(sim, gateway_clock, max_body_bytes=1024) as env:
         payload = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 4096}]}
         for path in (CHAT, EMBEDDINGS):
             reply = await env.post(path, payload, {**AUTH, "X-Request-Id": "big-body-1"})
@@ -375,8 +373,10 @@ async def test_health_endpoints_need_no_key_but_models_does(env: Env) -> None:
     env.untouched()
 
 
-async def test_open_gateway_serves_without_a_key(sim: Simulator, clock: FakeClock) -> None:
-    async with environment(sim, clock, clients=False) as env:
+async def test_open_gateway_serves_without_a_key(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
+    async with environment(sim, gateway_clock, clients=False) as env:
         chat = await env.post(CHAT, {"model": MODEL, "messages": MESSAGES}, headers={})
         assert chat.status == 200, chat.body
         assert chat.headers["x-router-provider"] == "modelscope"

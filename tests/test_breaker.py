@@ -25,8 +25,7 @@ from router.breaker import MAX_CIRCUITS, BreakerPolicy, Breakers, Open, Signatur
 from router.classify import Outcome
 from router.demo import running
 from router.quota.types import KeyState
-from tests import test_gateway
-from tests.support import FakeClock
+from tests.conftest import MODEL, TOKENS, GatewayClock
 from tests.test_disconnects import Gateway, in_process_gateway
 from tests.test_failover import (
     OTHER_MODEL,
@@ -40,9 +39,6 @@ from tests.test_failover import (
     stats,
     used,
 )
-from tests.test_gateway import MODEL, TOKENS
-
-clock = test_gateway.clock  # the FakeClock fixture
 
 F, T, OK = Outcome.UPSTREAM_FAILURE, Outcome.THROTTLED, Outcome.OK
 MS = "modelscope"
@@ -315,17 +311,17 @@ def test_the_number_of_circuits_is_bounded(breakers: Breakers, seconds: Seconds)
 # -- end to end -----------------------------------------------------------------------------
 
 
-async def states(gw: Gateway, clock: FakeClock, index: int = 0) -> dict[str, KeyState]:
+async def states(gw: Gateway, clock: GatewayClock, index: int = 0) -> dict[str, KeyState]:
     return {u.key: u.state for u in await gw.snapshot(clock, index)}
 
 
 async def test_an_outage_on_every_modelscope_token_opens_the_breaker_and_bailian_serves(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gateway_clock: GatewayClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router.proxy")
+    caplog.set_level(logging.INFO, logger="router.failover")
     async with (
-        make_sim(clock) as sim,
-        in_process_gateway(sim, clock, config_of(sim)) as gw,
+        make_sim(gateway_clock) as sim,
+        in_process_gateway(sim, gateway_clock, config_of(sim)) as gw,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("status_503", count=-1, provider="modelscope")
@@ -336,11 +332,13 @@ async def test_an_outage_on_every_modelscope_token_opens_the_breaker_and_bailian
         for stream in (False, True, False, True, False):
             reply = await chat(http, gw.url, stream=stream)
             served_by(reply, "bailian", "main")
-            clock.advance(seconds=2)  # 10 s in all: still open, keys' own cooldowns long over
+            gateway_clock.advance(
+                seconds=2
+            )  # 10 s in all: still open, keys' own cooldowns long over
         assert rejected(sim, "modelscope", "503") == 3
         assert stats(sim, "modelscope")["calls"] == 0
         # no key disabled or spent; nothing is cooling any more either
-        assert await states(gw, clock) == {n: KeyState.AVAILABLE for n, _ in TOKENS}
+        assert await states(gw, gateway_clock) == {n: KeyState.AVAILABLE for n, _ in TOKENS}
         assert (
             gw.registry.get_sample_value(
                 "router_failovers_total",
@@ -350,7 +348,7 @@ async def test_an_outage_on_every_modelscope_token_opens_the_breaker_and_bailian
         )
         # the breaker's time passes and the outage ends: ModelScope serves again
         sim.faults.clear()
-        clock.advance(seconds=6)
+        gateway_clock.advance(seconds=6)
         served_by(await chat(http, gw.url), "modelscope", "alice")
         served_by(await chat(http, gw.url), "modelscope", "alice")
     assert used(sim) == {"alice": 2, "bob": 0, "carol": 0}
@@ -364,26 +362,26 @@ async def test_an_outage_on_every_modelscope_token_opens_the_breaker_and_bailian
 
 
 async def test_with_no_other_route_the_client_gets_503_with_retry_after_to_the_breakers_end(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
     async with (
-        make_sim(clock) as sim,
-        in_process_gateway(sim, clock, config_of(sim, bailian=None)) as gw,
+        make_sim(gateway_clock) as sim,
+        in_process_gateway(sim, gateway_clock, config_of(sim, bailian=None)) as gw,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("status_503", count=-1, provider="modelscope")
         first = await chat(http, gw.url)
         assert_unavailable(first, retry_after=15)
-        clock.advance(seconds=5)
+        gateway_clock.advance(seconds=5)
         assert_unavailable(await chat(http, gw.url, stream=True), retry_after=10)
         assert rejected(sim, "modelscope", "503") == 3  # the second never went upstream
         # half-open after 15 s: one try, still failing, opens it again for 30 s
-        clock.advance(seconds=10.5)
+        gateway_clock.advance(seconds=10.5)
         assert_unavailable(await chat(http, gw.url), retry_after=30)
         assert rejected(sim, "modelscope", "503") == 4
-        assert all(s is not KeyState.DISABLED for s in (await states(gw, clock)).values())
+        assert all(s is not KeyState.DISABLED for s in (await states(gw, gateway_clock)).values())
         sim.faults.clear()
-        clock.advance(seconds=30)
+        gateway_clock.advance(seconds=30)
         served_by(await chat(http, gw.url), "modelscope", "alice")
     assert used(sim) == {"alice": 1, "bob": 0, "carol": 0}
 
@@ -397,31 +395,35 @@ def assert_unavailable(reply: Reply, retry_after: int) -> None:
     assert "x-router-key" not in reply.headers
 
 
-async def test_a_throttle_on_every_token_skips_that_model_only(clock: FakeClock) -> None:
-    async with make_sim(clock) as sim:
+async def test_a_throttle_on_every_token_skips_that_model_only(gateway_clock: GatewayClock) -> None:
+    async with make_sim(gateway_clock) as sim:
         config = config_of(sim)
         async with (
-            in_process_gateway(sim, clock, config) as gw,
+            in_process_gateway(sim, gateway_clock, config) as gw,
             aiohttp.ClientSession() as http,
         ):
             sim.faults.add("throttle", count=-1, model=MODEL, provider="modelscope")
             for _ in range(4):
                 served_by(await chat(http, gw.url), "bailian", "main")
-                clock.advance(seconds=3)  # past the keys' own 2 s cooldowns, not the breaker's
+                gateway_clock.advance(
+                    seconds=3
+                )  # past the keys' own 2 s cooldowns, not the breaker's
             assert rejected(sim, "modelscope", "429") == 3
             # another model is not throttled: ModelScope serves it at once
             served_by(await chat(http, gw.url, OTHER_MODEL), "modelscope", "alice")
-            assert all(s is not KeyState.DISABLED for s in (await states(gw, clock)).values())
+            assert all(
+                s is not KeyState.DISABLED for s in (await states(gw, gateway_clock)).values()
+            )
     # throttled calls are given back: nothing counted for them
     assert used(sim) == {"alice": 1, "bob": 0, "carol": 0}
 
 
 async def test_a_throttle_breaker_with_no_other_route_is_a_429_with_retry_after(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
     async with (
-        make_sim(clock) as sim,
-        in_process_gateway(sim, clock, config_of(sim, bailian=None)) as gw,
+        make_sim(gateway_clock) as sim,
+        in_process_gateway(sim, gateway_clock, config_of(sim, bailian=None)) as gw,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("throttle", count=-1, provider="modelscope")
@@ -429,7 +431,7 @@ async def test_a_throttle_breaker_with_no_other_route_is_a_429_with_retry_after(
         assert reply.status == 429, reply.body
         assert reply.headers["Retry-After"] == "15"
         assert reply.json()["error"]["code"] == "rate_limited"
-        clock.advance(seconds=3)  # the keys' own 2 s cooldowns are over; the breaker is not
+        gateway_clock.advance(seconds=3)  # the keys' own 2 s cooldowns are over; the breaker is not
         reply = await chat(http, gw.url)
         assert (reply.status, reply.headers["Retry-After"]) == (429, "12")
     assert rejected(sim, "modelscope", "429") == 3
@@ -459,24 +461,28 @@ async def waf(calls: list[str]) -> AsyncIterator[str]:
 
 
 async def test_an_html_403_on_every_token_disables_no_key(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gateway_clock: GatewayClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[str] = []
-    async with make_sim(clock) as sim, waf(calls) as blocked_url:
+    async with make_sim(gateway_clock) as sim, waf(calls) as blocked_url:
         config = config_of(sim)
         config["providers"][0]["base_url"] = f"{blocked_url}/v1"
         config["providers"][0]["models"] = [MODEL]
         async with (
-            in_process_gateway(sim, clock, config) as gw,
+            in_process_gateway(sim, gateway_clock, config) as gw,
             aiohttp.ClientSession() as http,
         ):
             for _ in range(5):
                 served_by(await chat(http, gw.url), "bailian", "main")
-                clock.advance(seconds=2.5)  # past the keys' own cooldowns, not the breaker's
+                gateway_clock.advance(
+                    seconds=2.5
+                )  # past the keys' own cooldowns, not the breaker's
             assert len(calls) == 3  # one per key, then the breaker
             assert len(set(calls)) == 3
-            assert await states(gw, clock) != {}
-            assert all(s is not KeyState.DISABLED for s in (await states(gw, clock)).values())
+            assert await states(gw, gateway_clock) != {}
+            assert all(
+                s is not KeyState.DISABLED for s in (await states(gw, gateway_clock)).values()
+            )
             errors = gw.registry.get_sample_value(
                 "router_upstream_errors_total",
                 {"provider": "modelscope", "key": "alice", "kind": "forbidden_not_json"},

@@ -1048,17 +1048,25 @@ async def test_the_gateway_runs_on_rediss(tls_redis: RedisServer, secrets: Secre
 
 def test_store_urls_are_masked_everywhere() -> None:
     """Both maskers (the store's, in errors; the report's, in check-config and serve's log)
-    hide a password in the userinfo and in a ?password= query, and keep the rest."""
+    hide a password in the userinfo and in a ?password= query (?sentinel_password= too, and
+    misspelt), on every topology, and keep the rest."""
     for url in (
         "redis://:CANARY-pw@127.0.0.1:6379/0",
         "redis://user:CANARY-pw@127.0.0.1:6379/0",
         "rediss://:CANARY-pw@redis.internal:6380/0?ssl_ca_certs=/etc/ca.pem",
         "redis://127.0.0.1:6379/0?password=CANARY-pw",
         "rediss://127.0.0.1/0?ssl_ca_certs=/ca.pem&Password=CANARY-pw&db=1",
+        "redis+cluster://:CANARY-pw@127.0.0.1:6379,127.0.0.1:6380",
+        "rediss+cluster://CANARY-user:CANARY-pw@redis.internal:6379?password=CANARY-pw",
+        "redis+sentinel://:CANARY-pw@127.0.0.1:6379/mymaster/0?sentinel_password=CANARY-pw",
+        "rediss+sentinel://127.0.0.1:6379/mymaster?sentinel_pasword=CANARY-pw",  # misspelt
     ):
-        for masked in (mask_url(url),):
+        shown = [mask_url(url)]
+        if "pasword" not in url:  # a URL the store accepts: its repr (and errors) masked too
+            shown.append(repr(RedisStore(url)))
+        for masked in shown:
             assert "CANARY" not in masked, masked
-            assert masked.split("://")[0] == url.split("://")[0]
+            assert url.split("://")[0] in masked
             assert "6379" in masked or "redis.internal" in masked or "127.0.0.1/" in masked
     assert mask_url("sqlite:///quota.db") == "sqlite:///quota.db"
     assert mask_url("memory://") == "memory://"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,22 +12,12 @@ import openai
 import pytest
 
 from router.simulator import Simulator
-from tests.support import FakeClock, gateway
-from tests.test_gateway import MODEL, config_for, sim_config
+from tests.conftest import MODEL, GatewayClock, sim_config
+from tests.support import gateway
+from tests.test_gateway import config_for
 
 ALICE_KEY = "sk-team-alice-canary"
 BOB_KEY = "sk-team-bob-canary"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
-        yield simulator
 
 
 def team_config(sim: Simulator, **alice: Any) -> dict[str, Any]:
@@ -51,8 +40,8 @@ async def chat(url: str, key: str, model: str = MODEL) -> tuple[int, dict[str, A
         return r.status, await r.json(), r.headers.get("x-router-provider")
 
 
-async def test_hashed_client_key_authenticates(sim: Simulator, clock: FakeClock) -> None:
-    async with gateway(team_config(sim), clock) as url:
+async def test_hashed_client_key_authenticates(sim: Simulator, gateway_clock: GatewayClock) -> None:
+    async with gateway(team_config(sim), gateway_clock) as url:
         status, _, provider = await chat(url, ALICE_KEY)
         assert (status, provider) == (200, "modelscope")
         status, body, _ = await chat(url, hashlib.sha256(ALICE_KEY.encode()).hexdigest())
@@ -60,9 +49,9 @@ async def test_hashed_client_key_authenticates(sim: Simulator, clock: FakeClock)
         assert body["error"]["type"] == "authentication_error"
 
 
-async def test_model_allow_list(sim: Simulator, clock: FakeClock) -> None:
+async def test_model_allow_list(sim: Simulator, gateway_clock: GatewayClock) -> None:
     async with gateway(
-        team_config(sim, models=["Qwen/*", "deepseek-ai/DeepSeek-V3.?"]), clock
+        team_config(sim, models=["Qwen/*", "deepseek-ai/DeepSeek-V3.?"]), gateway_clock
     ) as url:
         assert (await chat(url, ALICE_KEY, MODEL))[0] == 200
         assert (await chat(url, ALICE_KEY, "deepseek-ai/DeepSeek-V3.1"))[0] == 200
@@ -74,9 +63,9 @@ async def test_model_allow_list(sim: Simulator, clock: FakeClock) -> None:
 
 
 async def test_client_without_fallback_never_reaches_the_paid_provider(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
-    async with gateway(team_config(sim, fallback=False), clock) as url:
+    async with gateway(team_config(sim, fallback=False), gateway_clock) as url:
         for _ in range(6):  # the free pool: 3 keys x 2
             assert (await chat(url, ALICE_KEY))[2] == "modelscope"
         status, body, _ = await chat(url, ALICE_KEY)
@@ -86,8 +75,10 @@ async def test_client_without_fallback_never_reaches_the_paid_provider(
     assert sim.state.stats("bailian")["calls"] == 1
 
 
-async def test_client_daily_limit_names_its_own_limit(sim: Simulator, clock: FakeClock) -> None:
-    async with gateway(team_config(sim, daily_limit=2), clock) as url:
+async def test_client_daily_limit_names_its_own_limit(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
+    async with gateway(team_config(sim, daily_limit=2), gateway_clock) as url:
         assert (await chat(url, ALICE_KEY))[0] == 200
         assert (await chat(url, ALICE_KEY))[0] == 200
         status, body, _ = await chat(url, ALICE_KEY)
@@ -96,21 +87,23 @@ async def test_client_daily_limit_names_its_own_limit(sim: Simulator, clock: Fak
         assert "alice" in body["error"]["message"]
         assert "daily limit of 2 calls" in body["error"]["message"]
         assert (await chat(url, BOB_KEY))[0] == 200  # the pool itself is not spent
-        clock.now = clock.now.replace(hour=16, minute=0)  # 00:00 in Shanghai: a new day
+        gateway_clock.now = gateway_clock.now.replace(
+            hour=16, minute=0
+        )  # 00:00 in Shanghai: a new day
         assert (await chat(url, ALICE_KEY))[0] == 200
     assert sim.state.stats()["calls"] == 4
 
 
 async def test_fair_share_keeps_a_part_of_the_free_pool_for_the_quiet_client(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
-    async with Simulator(sim_config(10, 0), clock=clock.seconds) as sim:
+    async with Simulator(sim_config(10, 0), clock=gateway_clock.seconds) as sim:
         config = config_for(sim, limit=10, bailian_limit=0)
         config["clients"] = [
             {"name": "alice", "key": ALICE_KEY, "fallback": False},
             {"name": "bob", "key": BOB_KEY, "fallback": False},
         ]
-        async with gateway(config, clock) as url:
+        async with gateway(config, gateway_clock) as url:
             alice = [await chat(url, ALICE_KEY) for _ in range(30)]
             bob = [await chat(url, BOB_KEY) for _ in range(6)]
     # 30 calls in the pool; below 30% (8 left) the rest is split 4 + 4
@@ -124,17 +117,19 @@ async def test_fair_share_keeps_a_part_of_the_free_pool_for_the_quiet_client(
     assert sim.state.stats("modelscope")["rejected"].get("429", 0) == 0
 
 
-async def test_client_refusals_until_the_reset_tell_sdks_not_to_retry(clock: FakeClock) -> None:
+async def test_client_refusals_until_the_reset_tell_sdks_not_to_retry(
+    gateway_clock: GatewayClock,
+) -> None:
     """A client's daily limit and its fair share last until the reset (ten hours here): the
     SDKs are told not to retry (x-should-retry: false) instead of sleeping the Retry-After,
     which the anthropic SDK does whatever its length."""
-    async with Simulator(sim_config(10, 0), clock=clock.seconds) as sim:
+    async with Simulator(sim_config(10, 0), clock=gateway_clock.seconds) as sim:
         config = config_for(sim, limit=10, bailian_limit=0)
         config["clients"] = [
             {"name": "alice", "key": ALICE_KEY, "fallback": False},
             {"name": "bob", "key": BOB_KEY, "fallback": False, "daily_limit": 1},
         ]
-        async with gateway(config, clock) as url:
+        async with gateway(config, gateway_clock) as url:
             bob = anthropic.AsyncAnthropic(base_url=url, api_key=BOB_KEY)  # default retries
             alice = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY)
             messages: Any = [{"role": "user", "content": "hi"}]

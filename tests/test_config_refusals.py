@@ -244,10 +244,9 @@ def test_shipped_configs_are_valid(tmp_path: Path) -> None:
     [
         "postgres://CANARY-user:CANARY-pw@db/quota",
         "POSTGRES://db/quota",
-        "redis+cluster://h:6379",
-        "rediss+cluster://h:6379",
-        "redis+sentinel://h:26379",
+        "redis+sentinel://h:26379",  # no service name
         "rediss+sentinel://h:26379",
+        "redis+cluster://h:6379/1",  # Cluster has db 0 only
         "localhost:6379",
         "sqlite://relative.db",
         "redis://:CANARY/pw@h:6379/0",  # an unencoded / in a password: the port is "CANARY"
@@ -281,6 +280,10 @@ async def test_every_scheme_the_config_accepts_opens_a_store(tmp_path: Path) -> 
         "redis": "REDIS://127.0.0.1:1/0",
         "rediss": "rediss://127.0.0.1:1/0",
         "unix": "unix:///tmp/no.sock",
+        "redis+cluster": "REDIS+CLUSTER://127.0.0.1:1,127.0.0.1:2",
+        "rediss+cluster": "rediss+cluster://127.0.0.1:1",
+        "redis+sentinel": "redis+sentinel://127.0.0.1:1/mymaster",
+        "rediss+sentinel": "rediss+sentinel://127.0.0.1:1/mymaster/2",
         "sqlite": f"SQLITE:///{tmp_path}/quota.db",
         "memory": "MEMORY://",
     }

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router.app import LIVE, STORE, create_app
+from router.app import create_app
 from router.config import Settings
 from router.demo import running
 from router.quota.days import quota_day, to_ms
@@ -34,14 +34,15 @@ from router.simulator import (
     Simulator,
     SimulatorConfig,
 )
-from tests.support import CLIENT_KEY, FakeClock, gateway_config
-from tests.test_gateway import MODEL, TOKENS
+from router.state import LIVE, STORE
+from tests.conftest import MODEL, TOKENS, GatewayClock
+from tests.support import CLIENT_KEY, gateway_config
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
-def slow_sim(clock: FakeClock, chunks: int = 10, delay_ms: int = 50) -> Simulator:
+def slow_sim(clock: GatewayClock, chunks: int = 10, delay_ms: int = 50) -> Simulator:
     tokens = [
         ModelScopeToken(secret=s, name=n, daily_limit=100_000, model_daily_limit=100_000)
         for n, s in TOKENS
@@ -94,7 +95,7 @@ class Gateway:
     def handling(self) -> int:
         return self.app[LIVE].runtime.inflight
 
-    async def snapshot(self, clock: FakeClock, index: int = 0) -> list[KeyUsage]:
+    async def snapshot(self, clock: GatewayClock, index: int = 0) -> list[KeyUsage]:
         """Today's usage and state of every key of a provider, from the gateway's store."""
         provider = self.settings.providers[index]
         pool = self.app[LIVE].runtime.pool
@@ -104,14 +105,14 @@ class Gateway:
             provider.name, pool.default_specs(provider), day, to_ms(now)
         )
 
-    async def used(self, clock: FakeClock) -> dict[str, int]:
+    async def used(self, clock: GatewayClock) -> dict[str, int]:
         """Per key, today's count in the gateway's store."""
         return {u.key: u.used for u in await self.snapshot(clock)}
 
 
 @asynccontextmanager
 async def in_process_gateway(
-    sim: Simulator, clock: FakeClock, config: dict[str, Any] | None = None
+    sim: Simulator, clock: GatewayClock, config: dict[str, Any] | None = None
 ) -> AsyncIterator[Gateway]:
     """The gateway in this process, with its app at hand (store, runtime, metrics)."""
     if config is None:
@@ -171,15 +172,13 @@ async def complete_stream(http: aiohttp.ClientSession, url: str) -> bytes:
         return await response.read()
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 async def test_a_client_gone_mid_stream_cancels_the_upstream_call_counted_once(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
-    async with slow_sim(clock, chunks=50) as sim, in_process_gateway(sim, clock) as gw:
+    async with (
+        slow_sim(gateway_clock, chunks=50) as sim,
+        in_process_gateway(sim, gateway_clock) as gw,
+    ):
         async with aiohttp.ClientSession() as http:
             await abort_mid_stream(http, gw.url)
             # 50 chunks of 50 ms: the upstream would stream 2.5 s more; it ends at once
@@ -190,14 +189,14 @@ async def test_a_client_gone_mid_stream_cancels_the_upstream_call_counted_once(
         assert gw.answered("200") == 1
         assert gw.acquired() == 0
         assert gw.pooled() == 0  # an unfinished upstream answer is never pooled
-        assert await gw.used(clock) == sim_used(sim) == {"alice": 1, "bob": 0, "carol": 0}
+        assert await gw.used(gateway_clock) == sim_used(sim) == {"alice": 1, "bob": 0, "carol": 0}
     print(f"\nupstream call ended {took * 1000:.0f} ms after the client left")
 
 
 async def test_a_client_gone_before_the_first_byte_is_a_client_abort_not_a_500(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
-    async with slow_sim(clock) as sim, in_process_gateway(sim, clock) as gw:
+    async with slow_sim(gateway_clock) as sim, in_process_gateway(sim, gateway_clock) as gw:
         sim.faults.add("latency:300", token="alice", count=1)
         async with aiohttp.ClientSession() as http:
             with pytest.raises(TimeoutError):
@@ -211,18 +210,18 @@ async def test_a_client_gone_before_the_first_byte_is_a_client_abort_not_a_500(
         assert gw.answered("500") == 0
         assert gw.aborts("client") == 1
         assert gw.acquired() == 0
-        assert await gw.used(clock) == sim_used(sim) == {"alice": 1, "bob": 0, "carol": 0}
+        assert await gw.used(gateway_clock) == sim_used(sim) == {"alice": 1, "bob": 0, "carol": 0}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_a_thousand_aborted_streams_leave_no_task_connection_or_fd_behind(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
     total, batch = 1000, 50
     async with (
-        slow_sim(clock, chunks=10, delay_ms=20) as sim,
-        in_process_gateway(sim, clock) as gw,
+        slow_sim(gateway_clock, chunks=10, delay_ms=20) as sim,
+        in_process_gateway(sim, gateway_clock) as gw,
         aiohttp.ClientSession() as http,
     ):
         # warm up: one whole stream, so pools and lazy state exist before the baseline
@@ -242,7 +241,7 @@ async def test_a_thousand_aborted_streams_leave_no_task_connection_or_fd_behind(
         assert gw.aborts("client") == total
         assert gw.aborts("upstream") == 0
         assert gw.answered("500") == 0
-        used = await gw.used(clock)
+        used = await gw.used(gateway_clock)
         assert used == sim_used(sim)
         assert sum(used.values()) == total + 1
         # still serving normally afterwards
@@ -255,15 +254,15 @@ async def test_a_thousand_aborted_streams_leave_no_task_connection_or_fd_behind(
 
 
 async def test_stream_chunks_reach_the_client_while_the_upstream_is_still_sending(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
     """No buffering: with the upstream sending a chunk every 100 ms, each chunk but the last
     is at the client while the upstream is still at work (a gateway that held the stream back
     would hand it all over once the upstream had finished)."""
     chunks = 5
     async with (
-        slow_sim(clock, chunks=chunks, delay_ms=100) as sim,
-        in_process_gateway(sim, clock) as gw,
+        slow_sim(gateway_clock, chunks=chunks, delay_ms=100) as sim,
+        in_process_gateway(sim, gateway_clock) as gw,
         aiohttp.ClientSession() as http,
         http.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=AUTH) as response,
     ):

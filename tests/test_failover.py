@@ -3,7 +3,7 @@
 Every test injects one upstream behaviour and checks what the client got (status, body, the
 x-router-provider / x-router-key headers) and what the simulator counted: which keys were
 called, how many answers it refused, which faults fired. ModelScope keys use ``fill_first``
-so "alice first, then bob" is deterministic; cooldowns run on the shared FakeClock.
+so "alice first, then bob" is deterministic; cooldowns run on the shared GatewayClock.
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from router.simulator import (
 )
 from router.simulator.config import DEFAULT_MODELSCOPE_MODELS
 from router.simulator.dialects import MS_THINKING
-from tests import test_gateway
-from tests.support import CLIENT_KEY, FakeClock, gateway, gateway_config
-from tests.test_gateway import MODEL, TOKENS, rejected
-
-clock = test_gateway.clock  # the FakeClock fixture, shared with the gateway tests
+from tests.conftest import MODEL, TOKENS, GatewayClock
+from tests.support import CLIENT_KEY, gateway, gateway_config
+from tests.test_gateway import rejected
 
 OTHER_MODEL = "deepseek-ai/DeepSeek-V3.1"
 THIRD_MODEL = "moonshotai/Kimi-K2-Instruct"
@@ -48,7 +46,7 @@ AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 
 def make_sim(
-    clock: FakeClock,
+    clock: GatewayClock,
     *,
     tokens: list[ModelScopeToken] | None = None,
     bailian_models: list[str] | None = None,
@@ -135,10 +133,10 @@ def used(sim: Simulator, provider: str = "modelscope") -> dict[str, int]:
 # -- transient failures ---------------------------------------------------------------------
 
 
-async def test_5xx_fails_over_and_the_failed_key_cools_briefly(clock: FakeClock) -> None:
+async def test_5xx_fails_over_and_the_failed_key_cools_briefly(gateway_clock: GatewayClock) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("status_503", token="alice", count=1)
@@ -148,7 +146,7 @@ async def test_5xx_fails_over_and_the_failed_key_cools_briefly(clock: FakeClock)
         # The clock has not moved: alice is cooling, so fill_first skips her.
         for _ in range(3):
             served_by(await chat(http, url), "modelscope", "bob")
-        clock.advance(seconds=1.5)  # past the first upstream-failure cooldown (1 s)
+        gateway_clock.advance(seconds=1.5)  # past the first upstream-failure cooldown (1 s)
         served_by(await chat(http, url), "modelscope", "alice")
     assert rejected(sim, "modelscope", "503") == 1
     assert stats(sim, "modelscope")["faults_fired"] == {"status_503": 1}
@@ -156,10 +154,10 @@ async def test_5xx_fails_over_and_the_failed_key_cools_briefly(clock: FakeClock)
     assert stats(sim, "bailian")["calls"] == 0
 
 
-async def test_max_attempts_bounds_transient_failures(clock: FakeClock) -> None:
+async def test_max_attempts_bounds_transient_failures(gateway_clock: GatewayClock) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim, max_attempts=2), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim, max_attempts=2), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("status_500", count=100)  # every token of every provider
@@ -187,11 +185,11 @@ async def test_max_attempts_bounds_transient_failures(clock: FakeClock) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", ["reset", "html_200", "non_json_error"])
 async def test_broken_answers_before_the_first_byte_fail_over(
-    clock: FakeClock, kind: str, stream: bool
+    gateway_clock: GatewayClock, kind: str, stream: bool
 ) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add(kind, token="alice", count=1)
@@ -212,12 +210,12 @@ async def test_broken_answers_before_the_first_byte_fail_over(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_slow_first_byte_fails_over_before_the_first_byte(
-    clock: FakeClock, stream: bool
+    gateway_clock: GatewayClock, stream: bool
 ) -> None:
-    async with make_sim(clock) as sim:
+    async with make_sim(gateway_clock) as sim:
         config = config_of(sim)
         config["providers"][0]["timeout_seconds"] = 0.5
-        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+        async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
             sim.faults.add("slow_first_byte:3000", token="alice", count=1)
             reply = await chat(http, url, stream=stream)
     served_by(reply, "modelscope", "bob")
@@ -229,14 +227,14 @@ async def test_slow_first_byte_fails_over_before_the_first_byte(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_the_request_deadline_ends_a_hung_upstream_call_with_504(
-    clock: FakeClock, stream: bool
+    gateway_clock: GatewayClock, stream: bool
 ) -> None:
     """retry.deadline_seconds bounds the wait even when the provider's own timeout is far off;
     the task is left clean: the next request on the same gateway is served."""
-    async with make_sim(clock) as sim:
+    async with make_sim(gateway_clock) as sim:
         config = config_of(sim)
         config["retry"]["deadline_seconds"] = 0.3  # timeout_seconds stays 120
-        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+        async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
             sim.faults.add("hang", token="alice", count=1)
             started = time.monotonic()
             reply = await chat(http, url, stream=stream)
@@ -254,10 +252,12 @@ async def test_the_request_deadline_ends_a_hung_upstream_call_with_504(
 # -- broken streams -------------------------------------------------------------------------
 
 
-async def test_stream_cut_mid_way_ends_with_an_error_event_not_done(clock: FakeClock) -> None:
+async def test_stream_cut_mid_way_ends_with_an_error_event_not_done(
+    gateway_clock: GatewayClock,
+) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("mid_stream_cut", token="alice", count=1)
@@ -278,10 +278,10 @@ async def test_stream_cut_mid_way_ends_with_an_error_event_not_done(clock: FakeC
     assert used(sim) == {"alice": 1, "bob": 0, "carol": 0}  # a cut answer is still counted
 
 
-async def test_malformed_sse_ends_without_a_clean_done(clock: FakeClock) -> None:
+async def test_malformed_sse_ends_without_a_clean_done(gateway_clock: GatewayClock) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("malformed_sse", token="alice", count=1)
@@ -305,23 +305,23 @@ async def test_malformed_sse_ends_without_a_clean_done(clock: FakeClock) -> None
 
 
 async def test_rejected_key_is_disabled_once_and_never_tried_again(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gateway_clock: GatewayClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     tokens = [
         ModelScopeToken(secret="ms-test-alice", name="alice", status="unbound"),
         ModelScopeToken(secret="ms-test-bob", name="bob"),
         ModelScopeToken(secret="ms-test-carol", name="carol"),
     ]
-    caplog.set_level(logging.INFO, logger="router.proxy")
+    caplog.set_level(logging.INFO, logger="router.failover")
     async with (
-        make_sim(clock, tokens=tokens) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock, tokens=tokens) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         served_by(await chat(http, url), "modelscope", "bob")
         for model in (MODEL, MODEL, OTHER_MODEL, THIRD_MODEL):
             served_by(await chat(http, url, model), "modelscope", "bob")
-        clock.advance(hours=1)  # no cooldown to wait out: disabled is disabled
+        gateway_clock.advance(hours=1)  # no cooldown to wait out: disabled is disabled
         served_by(await chat(http, url, stream=True), "modelscope", "bob")
     assert rejected(sim, "modelscope", "401") == 1
     assert used(sim) == {"alice": 0, "bob": 6, "carol": 0}
@@ -334,9 +334,11 @@ async def test_rejected_key_is_disabled_once_and_never_tried_again(
     assert "ms-test-alice" not in caplog.text
 
 
-async def test_retired_model_goes_to_the_next_route_and_keeps_the_key(clock: FakeClock) -> None:
+async def test_retired_model_goes_to_the_next_route_and_keeps_the_key(
+    gateway_clock: GatewayClock,
+) -> None:
     # ModelScope still lists the retired model; calling it answers 429 insufficient balance.
-    async with make_sim(clock, models=[*DEFAULT_MODELSCOPE_MODELS, RETIRED]) as sim:
+    async with make_sim(gateway_clock, models=[*DEFAULT_MODELSCOPE_MODELS, RETIRED]) as sim:
         config = config_of(sim)
         config["models"] = [
             {
@@ -347,7 +349,7 @@ async def test_retired_model_goes_to_the_next_route_and_keeps_the_key(clock: Fak
                 ],
             }
         ]
-        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+        async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
             fallback = await chat(http, url, "qwq")
             served_by(fallback, "bailian", "main")
             assert fallback.json()["model"] == "qwen3-32b"
@@ -360,10 +362,12 @@ async def test_retired_model_goes_to_the_next_route_and_keeps_the_key(clock: Fak
     assert rejected(sim, "modelscope", "429") == 1
 
 
-async def test_client_error_is_returned_as_is_after_one_upstream_call(clock: FakeClock) -> None:
+async def test_client_error_is_returned_as_is_after_one_upstream_call(
+    gateway_clock: GatewayClock,
+) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         reply = await chat(http, url, enable_thinking=True)
@@ -384,7 +388,9 @@ async def test_client_error_is_returned_as_is_after_one_upstream_call(clock: Fak
     assert sim.state.stats()["calls"] == 0
 
 
-async def test_model_daily_quota_takes_the_key_out_for_that_model_only(clock: FakeClock) -> None:
+async def test_model_daily_quota_takes_the_key_out_for_that_model_only(
+    gateway_clock: GatewayClock,
+) -> None:
     # alice may call MODEL once a day upstream; the gateway thinks 100_000.
     tokens = [
         ModelScopeToken(
@@ -396,15 +402,15 @@ async def test_model_daily_quota_takes_the_key_out_for_that_model_only(clock: Fa
     ]
     # Without the remaining headers the gateway learns it from the 429 text alone.
     async with (
-        make_sim(clock, tokens=tokens, ratelimit_headers=False) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock, tokens=tokens, ratelimit_headers=False) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         served_by(await chat(http, url), "modelscope", "alice")
         served_by(await chat(http, url), "modelscope", "bob")  # alice: 429 today's quota
         assert rejected(sim, "modelscope", "429") == 1
         served_by(await chat(http, url), "modelscope", "bob")  # alice not asked again
-        clock.advance(hours=2)  # not a cooldown: out until the quota day ends
+        gateway_clock.advance(hours=2)  # not a cooldown: out until the quota day ends
         served_by(await chat(http, url), "modelscope", "bob")
         served_by(await chat(http, url, OTHER_MODEL), "modelscope", "alice")
     assert rejected(sim, "modelscope", "429") == 1
@@ -413,15 +419,15 @@ async def test_model_daily_quota_takes_the_key_out_for_that_model_only(clock: Fa
 
 
 async def test_request_limit_exceeded_is_the_model_first_then_the_whole_key(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
     # alice has one call a day upstream; the gateway thinks 1000, so it meets the 429.
     tokens = [
         ModelScopeToken(secret=s, name=n, daily_limit=1 if n == "alice" else 100) for n, s in TOKENS
     ]
     async with (
-        make_sim(clock, tokens=tokens, ratelimit_headers=False) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock, tokens=tokens, ratelimit_headers=False) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         served_by(await chat(http, url), "modelscope", "alice")
@@ -438,30 +444,32 @@ async def test_request_limit_exceeded_is_the_model_first_then_the_whole_key(
     assert used(sim) == {"alice": 1, "bob": 5, "carol": 0}
 
 
-async def test_retry_after_cools_the_key_exactly_that_long(clock: FakeClock) -> None:
+async def test_retry_after_cools_the_key_exactly_that_long(gateway_clock: GatewayClock) -> None:
     async with (
-        make_sim(clock) as sim,
-        gateway(config_of(sim), clock) as url,
+        make_sim(gateway_clock) as sim,
+        gateway(config_of(sim), gateway_clock) as url,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("retry_after:5", token="alice", count=1)
         served_by(await chat(http, url), "modelscope", "bob")
         served_by(await chat(http, url), "modelscope", "bob")
-        clock.advance(seconds=4)  # longer than the 2 s default of a throttle: still cooling
+        gateway_clock.advance(seconds=4)  # longer than the 2 s default of a throttle: still cooling
         served_by(await chat(http, url), "modelscope", "bob")
-        clock.advance(seconds=2)  # 6 s after the 429
+        gateway_clock.advance(seconds=2)  # 6 s after the 429
         served_by(await chat(http, url), "modelscope", "alice")
     assert rejected(sim, "modelscope", "429") == 1
     assert stats(sim, "modelscope")["faults_fired"] == {"retry_after:5": 1}
     assert used(sim) == {"alice": 1, "bob": 3, "carol": 0}
 
 
-async def test_spent_routes_and_unknown_routes_give_429_not_404(clock: FakeClock) -> None:
+async def test_spent_routes_and_unknown_routes_give_429_not_404(
+    gateway_clock: GatewayClock,
+) -> None:
     # The gateway's (stale) list says Bailian serves qwen3-32b; Bailian answers 404.
-    async with make_sim(clock, bailian_models=["text-embedding-v4"]) as sim:
+    async with make_sim(gateway_clock, bailian_models=["text-embedding-v4"]) as sim:
         config = config_of(sim, limit=1)
         config["providers"][1]["models"] = ["qwen3-32b"]
-        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+        async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
             for key in ("alice", "bob", "carol"):
                 served_by(await chat(http, url), "modelscope", key)
             reply = await chat(http, url)
@@ -475,11 +483,13 @@ async def test_spent_routes_and_unknown_routes_give_429_not_404(clock: FakeClock
     assert used(sim) == {"alice": 1, "bob": 1, "carol": 1}
 
 
-async def test_unknown_on_every_route_gives_404(clock: FakeClock) -> None:
+async def test_unknown_on_every_route_gives_404(gateway_clock: GatewayClock) -> None:
     # ModelScope lists the retired model (429 insufficient balance); the gateway's stale list
     # says Bailian serves qwen3-32b, Bailian answers 404.
     async with make_sim(
-        clock, models=[*DEFAULT_MODELSCOPE_MODELS, RETIRED], bailian_models=["text-embedding-v4"]
+        gateway_clock,
+        models=[*DEFAULT_MODELSCOPE_MODELS, RETIRED],
+        bailian_models=["text-embedding-v4"],
     ) as sim:
         config = config_of(sim)
         config["providers"][1]["models"] = ["qwen3-32b"]
@@ -492,7 +502,7 @@ async def test_unknown_on_every_route_gives_404(clock: FakeClock) -> None:
                 ],
             }
         ]
-        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+        async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
             reply = await chat(http, url, "gone")
     assert reply.status == 404, reply.body
     assert reply.json() == {
@@ -540,7 +550,9 @@ async def echo_upstream(seen: list[tuple[CIMultiDict[str], bytes]]) -> AsyncIter
         yield url
 
 
-async def test_upstream_sees_only_its_own_key_and_the_clients_body(clock: FakeClock) -> None:
+async def test_upstream_sees_only_its_own_key_and_the_clients_body(
+    gateway_clock: GatewayClock,
+) -> None:
     upstream_secret = "sk-upstream-secret-0123456789"
     seen: list[tuple[CIMultiDict[str], bytes]] = []
     async with echo_upstream(seen) as echo:
@@ -581,7 +593,7 @@ async def test_upstream_sees_only_its_own_key_and_the_clients_body(clock: FakeCl
             "extra_field": {"nested": [1, 2, {"x": None}]},
         }
         raw = b'{"model":  "upstream-model", "messages": [{"role": "user", "content": "hi"}]}'
-        async with gateway(config, clock) as url, aiohttp.ClientSession() as http:
+        async with gateway(config, gateway_clock) as url, aiohttp.ClientSession() as http:
             replies = []
             for body in (orjson.dumps(payload), raw):
                 async with http.post(

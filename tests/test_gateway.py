@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,44 +10,11 @@ import orjson
 import pytest
 from openai import AsyncOpenAI, RateLimitError
 
-from router.simulator import (
-    BailianConfig,
-    BailianKey,
-    ModelScopeConfig,
-    ModelScopeToken,
-    Simulator,
-    SimulatorConfig,
-)
-from tests.support import CLIENT_KEY, FakeClock, gateway, gateway_config
+from router.simulator import Simulator
 
-MODEL = "Qwen/Qwen3-32B"
-TOKENS = [("alice", "ms-test-alice"), ("bob", "ms-test-bob"), ("carol", "ms-test-carol")]
-
-
-def sim_config(limit: int, bailian_limit: int | None, **ms: Any) -> SimulatorConfig:
-    return SimulatorConfig(
-        modelscope=ModelScopeConfig(
-            tokens=[
-                ModelScopeToken(secret=s, name=n, daily_limit=limit, model_daily_limit=limit)
-                for n, s in TOKENS
-            ],
-            **ms,
-        ),
-        bailian=BailianConfig(
-            keys=[BailianKey(secret="sk-test-bailian", name="main", daily_limit=bailian_limit)]
-        ),
-    )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
-        yield simulator
+# MODEL, TOKENS and sim_config are imported from here by other test modules too.
+from tests.conftest import MODEL, TOKENS, GatewayClock, sim_config
+from tests.support import CLIENT_KEY, gateway, gateway_config
 
 
 def config_for(
@@ -91,10 +57,10 @@ def rejected(sim: Simulator, provider: str, status: str) -> int:
 
 
 async def test_openai_client_fails_over_on_429_stream_and_non_stream(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     sim.faults.add("throttle", token="alice", count=1)
-    async with gateway(config_for(sim), clock) as url:
+    async with gateway(config_for(sim), gateway_clock) as url:
         client = openai_client(url)
         try:
             provider, key, text = await ask(client)
@@ -111,10 +77,10 @@ async def test_openai_client_fails_over_on_429_stream_and_non_stream(
 
 
 async def test_pool_spent_then_fallback_then_429_with_retry_after(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     served: list[tuple[str, str]] = []
-    async with gateway(config_for(sim), clock) as url:
+    async with gateway(config_for(sim), gateway_clock) as url:
         client = openai_client(url)
         try:
             for _ in range(8):
@@ -138,9 +104,13 @@ async def test_pool_spent_then_fallback_then_429_with_retry_after(
     assert sim.state.stats()["calls"] == 8
 
 
-async def test_day_boundary_is_shanghai_midnight(sim: Simulator, clock: FakeClock) -> None:
-    clock.now = datetime(2026, 11, 29, 15, 59, 59, 999000, tzinfo=UTC)  # 23:59:59.999 in Shanghai
-    async with gateway(config_for(sim, bailian_limit=0), clock) as url:
+async def test_day_boundary_is_shanghai_midnight(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
+    gateway_clock.now = datetime(
+        2026, 11, 29, 15, 59, 59, 999000, tzinfo=UTC
+    )  # 23:59:59.999 in Shanghai
+    async with gateway(config_for(sim, bailian_limit=0), gateway_clock) as url:
         client = openai_client(url)
         try:
             for _ in range(6):
@@ -148,12 +118,14 @@ async def test_day_boundary_is_shanghai_midnight(sim: Simulator, clock: FakeCloc
             with pytest.raises(RateLimitError) as info:
                 await ask(client)
             assert info.value.response.headers["retry-after"] == "1"
-            clock.now = datetime(2026, 11, 29, 16, 0, tzinfo=UTC)  # 00:00 in Shanghai
+            gateway_clock.now = datetime(2026, 11, 29, 16, 0, tzinfo=UTC)  # 00:00 in Shanghai
             provider, _key, _ = await ask(client)
             assert provider == "modelscope"
             for _ in range(5):
                 await ask(client)
-            clock.now = datetime(2026, 11, 30, 0, 0, 1, tzinfo=UTC)  # UTC midnight: no reset
+            gateway_clock.now = datetime(
+                2026, 11, 30, 0, 0, 1, tzinfo=UTC
+            )  # UTC midnight: no reset
             with pytest.raises(RateLimitError):
                 await ask(client)
         finally:
@@ -161,12 +133,12 @@ async def test_day_boundary_is_shanghai_midnight(sim: Simulator, clock: FakeCloc
     assert rejected(sim, "modelscope", "429") == 0
 
 
-async def test_remaining_header_takes_a_key_out_without_a_429(clock: FakeClock) -> None:
-    async with Simulator(sim_config(50, None), clock=clock.seconds) as sim:
+async def test_remaining_header_takes_a_key_out_without_a_429(gateway_clock: GatewayClock) -> None:
+    async with Simulator(sim_config(50, None), clock=gateway_clock.seconds) as sim:
         sim.state.modelscope.set_usage("alice", used=49)  # the token was used elsewhere today
         config = config_for(sim, limit=50, bailian_limit=None)
         config["providers"][0]["strategy"] = "fill_first"
-        async with gateway(config, clock) as url:
+        async with gateway(config, gateway_clock) as url:
             client = openai_client(url)
             try:
                 first = await ask(client)
@@ -181,9 +153,9 @@ async def test_remaining_header_takes_a_key_out_without_a_429(clock: FakeClock) 
     assert sim.state.stats("modelscope")["by_token"]["alice"]["used"] == 50
 
 
-async def test_cherry_studio_style_client(sim: Simulator, clock: FakeClock) -> None:
+async def test_cherry_studio_style_client(sim: Simulator, gateway_clock: GatewayClock) -> None:
     """Base URL http://host:port (Cherry appends /v1), both auth headers, streamed usage."""
-    async with gateway(config_for(sim), clock) as base, aiohttp.ClientSession() as http:
+    async with gateway(config_for(sim), gateway_clock) as base, aiohttp.ClientSession() as http:
         headers = {"Authorization": f"Bearer {CLIENT_KEY}", "X-Api-Key": CLIENT_KEY}
         async with http.get(f"{base}/v1/models", headers=headers) as response:
             assert response.status == 200
@@ -209,8 +181,8 @@ async def test_cherry_studio_style_client(sim: Simulator, clock: FakeClock) -> N
     assert usage[-1]["total_tokens"] > 0
 
 
-async def test_embeddings(sim: Simulator, clock: FakeClock) -> None:
-    async with gateway(config_for(sim), clock) as url:
+async def test_embeddings(sim: Simulator, gateway_clock: GatewayClock) -> None:
+    async with gateway(config_for(sim), gateway_clock) as url:
         client = openai_client(url)
         try:
             result = await client.embeddings.create(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from router.simulator import Simulator
-from tests.support import CLIENT_KEY, FakeClock, gateway
-from tests.test_gateway import MODEL, config_for, sim_config
+from tests.conftest import MODEL, GatewayClock, sim_config
+from tests.support import CLIENT_KEY, gateway
+from tests.test_gateway import config_for
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 ADMIN_KEY = "sk-test-edges-admin"
@@ -32,17 +32,6 @@ MESSAGES: Any = [{"role": "user", "content": "hi"}]
 #: a long Retry-After shows as a TimeoutError, not as a test that hangs until pytest-timeout.
 SDK_BOUND_S = 20
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()  # 06:00 UTC: 14:00 in Shanghai, ten hours to the quota reset
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
-        yield simulator
 
 
 class Attempts:
@@ -108,12 +97,12 @@ async def request(
 
 
 async def test_anthropic_sdk_fails_fast_when_the_pool_is_spent(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     """The anthropic SDK sleeps the whole Retry-After (here ten hours) before it retries,
     unless the answer says x-should-retry: false."""
     attempts = Attempts()
-    async with gateway(config_for(sim, bailian_limit=0), clock) as url:
+    async with gateway(config_for(sim, bailian_limit=0), gateway_clock) as url:
         await spend_the_pool(url, 6)  # 3 keys x 2, no paid fallback
         client = anthropic_client(url, attempts)
         try:
@@ -133,14 +122,14 @@ async def test_anthropic_sdk_fails_fast_when_the_pool_is_spent(
     assert "resets at" in body["error"]["message"]
 
 
-async def test_openai_sdk_does_not_wait_out_a_long_retry_after(clock: FakeClock) -> None:
+async def test_openai_sdk_does_not_wait_out_a_long_retry_after(gateway_clock: GatewayClock) -> None:
     """The openai SDK sleeps a Retry-After of up to two minutes, twice: 90 s before the reset it
     would wait three minutes for an answer it can have now."""
-    clock.now = datetime(2026, 11, 29, 15, 58, 30, tzinfo=UTC)  # 23:58:30 in Shanghai
+    gateway_clock.now = datetime(2026, 11, 29, 15, 58, 30, tzinfo=UTC)  # 23:58:30 in Shanghai
     attempts = Attempts()
     async with (
-        Simulator(sim_config(2, 2), clock=clock.seconds) as sim,
-        gateway(config_for(sim, bailian_limit=0), clock) as url,
+        Simulator(sim_config(2, 2), clock=gateway_clock.seconds) as sim,
+        gateway(config_for(sim, bailian_limit=0), gateway_clock) as url,
     ):
         await spend_the_pool(url, 6)
         client = openai_sdk(f"{url}/v1", attempts)
@@ -159,13 +148,13 @@ async def test_openai_sdk_does_not_wait_out_a_long_retry_after(clock: FakeClock)
 
 
 async def test_a_short_throttling_cooldown_stays_retryable_and_a_long_one_does_not(
-    clock: FakeClock,
+    gateway_clock: GatewayClock,
 ) -> None:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as sim:
+    async with Simulator(sim_config(2, 2), clock=gateway_clock.seconds) as sim:
         config = config_for(sim)
         del config["providers"][1]  # no paid fallback: the throttled keys are the only route
         del config["providers"][0]["keys"][1:]  # one key: too few for a provider breaker
-        async with gateway(config, clock) as url:
+        async with gateway(config, gateway_clock) as url:
             body = {"model": MODEL, "messages": MESSAGES}
             sim.faults.add("throttle", count=1, provider="modelscope")
             status, headers, raw = await request(
@@ -175,7 +164,7 @@ async def test_a_short_throttling_cooldown_stays_retryable_and_a_long_one_does_n
             assert b'"rate_limited"' in raw
             assert 1 <= int(headers["Retry-After"]) <= 60
             assert "x-should-retry" not in headers  # the SDKs retry it after Retry-After
-            clock.advance(seconds=60)  # the cooldowns are over
+            gateway_clock.advance(seconds=60)  # the cooldowns are over
             sim.faults.add("retry_after:600", count=1, provider="modelscope")
             status, headers, raw = await request(
                 "POST", f"{url}/v1/chat/completions", AUTH, json=body
@@ -190,9 +179,9 @@ async def test_a_short_throttling_cooldown_stays_retryable_and_a_long_one_does_n
 
 
 async def test_mangled_paths_reach_the_endpoint_with_their_body(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
-    async with gateway(config_for(sim), clock) as url:
+    async with gateway(config_for(sim), gateway_clock) as url:
         body = {"model": MODEL, "messages": MESSAGES}
         for path in (
             "/v1/v1/chat/completions",
@@ -224,11 +213,11 @@ async def test_mangled_paths_reach_the_endpoint_with_their_body(
 
 
 async def test_anthropic_sdk_with_the_root_or_a_v1_base_url(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     """The anthropic SDK appends /v1/messages itself: the base URL is the gateway's root; one
     given with /v1 (as for the openai SDK) works as well."""
-    async with gateway(config_for(sim), clock) as url:
+    async with gateway(config_for(sim), gateway_clock) as url:
         for base in (url, f"{url}/v1", f"{url}/"):
             client = anthropic_client(base)
             try:
@@ -242,7 +231,7 @@ async def test_anthropic_sdk_with_the_root_or_a_v1_base_url(
 
 
 async def test_the_readme_anthropic_example_works_as_written(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     """The README's anthropic SDK snippet, only its host and key swapped: the root base URL."""
     text = README.read_text(encoding="utf-8")
@@ -252,7 +241,7 @@ async def test_the_readme_anthropic_example_works_as_written(
         if "from anthropic import" in b
     ]
     assert blocks, "the README has no anthropic SDK example"
-    async with gateway(config_for(sim), clock) as url:
+    async with gateway(config_for(sim), gateway_clock) as url:
         for block in blocks:
             assert 'base_url="http://127.0.0.1:8080"' in block  # the root, not /v1
             code = block.replace("http://127.0.0.1:8080", url)
@@ -264,11 +253,11 @@ async def test_the_readme_anthropic_example_works_as_written(
 
 
 async def test_dot_segments_and_encoded_slashes_are_still_refused(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     config = config_for(sim)
     config["providers"][0]["passthrough"] = ["embeddings-alt"]
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         body = {"model": MODEL, "messages": MESSAGES}
         for path in (
             "/v1/v1/../chat/completions",
@@ -297,11 +286,11 @@ async def test_dot_segments_and_encoded_slashes_are_still_refused(
 
 
 async def test_errors_on_anthropic_paths_come_in_anthropic_s_shape(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     config = config_for(sim)
     config["server"]["max_body_bytes"] = 4096
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         wrong = anthropic.AsyncAnthropic(base_url=url, api_key="sk-wrong", max_retries=0)
         client = anthropic_client(url)
         try:
@@ -346,14 +335,16 @@ async def test_errors_on_anthropic_paths_come_in_anthropic_s_shape(
 # -- 3. x-request-id on every answer -------------------------------------------------------------
 
 
-async def test_every_answer_carries_x_request_id(sim: Simulator, clock: FakeClock) -> None:
+async def test_every_answer_carries_x_request_id(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
     config = config_for(sim)
     config["server"]["max_body_bytes"] = 4096
     config["admin"] = {"key": ADMIN_KEY}
     config["metrics"] = {"token": METRICS_TOKEN}
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     metrics = {"Authorization": f"Bearer {METRICS_TOKEN}"}
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         cases: list[tuple[str, str, dict[str, str] | None, bytes | None, int]] = [
             ("GET", "/v1/models", AUTH, None, 200),
             ("GET", "/v1/models", None, None, 401),

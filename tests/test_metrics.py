@@ -6,34 +6,23 @@ import io
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from openai import RateLimitError
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.logs import configure_logging
-from router.metrics import HotCollector, HotCounter, HotHistogram
+from router.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, Metrics
 from router.quota_metrics import Pace, forecast_seconds
 from router.simulator import Simulator
-from tests.support import CLIENT_KEY, FakeClock, gateway
-from tests.test_gateway import MODEL, TOKENS, ask, config_for, openai_client, sim_config
+from tests.conftest import MODEL, TOKENS, GatewayClock
+from tests.support import CLIENT_KEY, gateway
+from tests.test_gateway import ask, config_for, openai_client
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
-        yield simulator
 
 
 def parse(text: str) -> Samples:
@@ -55,14 +44,14 @@ async def scrape(url: str, token: str | None = None) -> tuple[int, str]:
 
 
 async def test_metrics_after_failover_fallback_and_exhaustion(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     sim.faults.add("status_503", token="alice", count=1)
-    async with gateway(config_for(sim, model_daily_limit=2), clock) as url:
+    async with gateway(config_for(sim, model_daily_limit=2), gateway_clock) as url:
         client = openai_client(url)
         try:
             await ask(client)  # alice answers 503: bob serves, alice cools for a second
-            clock.advance(seconds=2)
+            gateway_clock.advance(seconds=2)
             # The 503 stays counted on alice (the upstream may have counted it): 5 ModelScope
             # successes in all, then 2 on Bailian.
             for _ in range(6):
@@ -109,7 +98,7 @@ async def test_metrics_after_failover_fallback_and_exhaustion(
         ("router_model_quota_remaining", {"provider": ms, "key": "alice", "model": MODEL}, 0),
         ("router_quota_used", {"provider": bl, "key": "main"}, 2),
         # 06:00:02 UTC: the next reset is 16:00 UTC (00:00 Asia/Shanghai)
-        ("router_quota_reset_timestamp_seconds", {}, clock.seconds() - 2 + 10 * 3600),
+        ("router_quota_reset_timestamp_seconds", {}, gateway_clock.seconds() - 2 + 10 * 3600),
         ("router_quota_exhaustion_forecast_seconds", {"provider": ms}, 0),
         ("router_store_up", {}, 1),
     ]
@@ -127,10 +116,10 @@ async def test_metrics_after_failover_fallback_and_exhaustion(
         assert value(s, metric, **labels) == number, (metric, labels)
 
 
-async def test_metrics_token(sim: Simulator, clock: FakeClock) -> None:
+async def test_metrics_token(sim: Simulator, gateway_clock: GatewayClock) -> None:
     config = config_for(sim)
     config["metrics"] = {"token": "metrics-secret-canary"}
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         assert (await scrape(url))[0] == 401
         assert (await scrape(url, "wrong"))[0] == 401
         assert (await scrape(url, CLIENT_KEY))[0] == 401
@@ -143,10 +132,10 @@ async def test_metrics_token(sim: Simulator, clock: FakeClock) -> None:
 
 
 async def test_random_model_names_do_not_grow_the_label_set(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
-    async with gateway(config_for(sim), clock) as url, aiohttp.ClientSession() as http:
+    async with gateway(config_for(sim), gateway_clock) as url, aiohttp.ClientSession() as http:
         for i in range(20):
             body: dict[str, Any] = {
                 "model": f"random-{i}",
@@ -183,11 +172,13 @@ def test_pace_and_forecast() -> None:
     assert pace.rate() == pytest.approx(37 / 3100)
 
 
-async def test_access_log_is_one_json_line_per_request(sim: Simulator, clock: FakeClock) -> None:
+async def test_access_log_is_one_json_line_per_request(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
     stream = io.StringIO()
     configure_logging("INFO", stream, json=True)
     try:
-        async with gateway(config_for(sim), clock) as url:
+        async with gateway(config_for(sim), gateway_clock) as url:
             client = openai_client(url)
             try:
                 await ask(client)
@@ -211,39 +202,24 @@ async def test_access_log_is_one_json_line_per_request(sim: Simulator, clock: Fa
     assert CLIENT_KEY not in stream.getvalue()
 
 
-def _exposition(
-    registry: CollectorRegistry,
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        key: v
-        for key, v in parse(generate_latest(registry).decode()).items()
-        if not key[0].endswith("_created")  # prometheus-client's own; the hot kind has none
-    }
-
-
-def test_hot_metrics_expose_what_prometheus_client_s_own_would() -> None:
-    """HotCounter and HotHistogram against prometheus-client's Counter and Histogram, fed the
-    same values (bucket edges included): the same samples, labels and values."""
-    ours, theirs = CollectorRegistry(), CollectorRegistry()
-    buckets = (0.001, 0.01, 0.1, 1.0, 2.5)
-    counter = HotCounter("t_requests", "doc", ["client", "status"])
-    histogram = HotHistogram("t_seconds", "doc", ["provider"], buckets)
-    bare = HotHistogram("t_bare_seconds", "doc", [], buckets)
-    ours.register(HotCollector([counter, histogram, bare]))
-    ref_counter = Counter("t_requests", "doc", ["client", "status"], registry=theirs)
-    ref_histogram = Histogram("t_seconds", "doc", ["provider"], buckets=buckets, registry=theirs)
-    ref_bare = Histogram("t_bare_seconds", "doc", buckets=buckets, registry=theirs)
-    values = [0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.5, 1.0, 2.5, 2.6, 99.0]
-    for i, v in enumerate(values):
-        provider = ("modelscope", "bailian")[i % 2]
-        histogram.observe(v, provider)
-        ref_histogram.labels(provider).observe(v)
-        bare.observe(v)
-        ref_bare.observe(v)
-        counter.inc("team", str(200 + i % 3))
-        ref_counter.labels("team", str(200 + i % 3)).inc()
-    got, want = _exposition(ours), _exposition(theirs)
-    assert got == want
-    # modelscope had 0.0, 0.001, 0.01, 1.0, 2.6: an edge value is in its own bucket
-    assert value(got, "t_seconds_bucket", provider="modelscope", le="0.001") == 2
-    assert value(got, "t_bare_seconds_bucket", le="+Inf") == len(values)
+def test_request_path_metrics_keep_their_names_labels_and_buckets() -> None:
+    """The dashboards and alert rules read these: names, label names and bucket edges are an
+    interface (router/metrics.py defines them with prometheus-client's own types)."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.requests.labels("team", MODEL, "modelscope", "200").inc()
+    metrics.request_duration.labels("modelscope").observe(0.0050001)
+    metrics.upstream_duration.labels("modelscope", "alice").observe(0.005)
+    metrics.overhead.observe(0.0001)
+    metrics.inflight.inc()
+    got = parse(generate_latest(metrics.registry).decode())
+    labels = {"client": "team", "model": MODEL, "provider": "modelscope", "status": "200"}
+    assert value(got, "router_requests_total", **labels) == 1
+    edges = {le for name, pairs in got if name.endswith("_bucket") for k, le in pairs if k == "le"}
+    assert edges == {repr(float(b)) for b in (*LATENCY_BUCKETS, *OVERHEAD_BUCKETS)} | {"+Inf"}
+    request = "router_request_duration_seconds_bucket"
+    assert value(got, request, provider="modelscope", le="0.005") == 0
+    assert value(got, request, provider="modelscope", le="0.01") == 1
+    upstream = "router_upstream_duration_seconds_bucket"
+    assert value(got, upstream, provider="modelscope", key="alice", le="0.005") == 1  # an edge
+    assert value(got, "router_overhead_seconds_bucket", le="0.0001") == 1
+    assert value(got, "router_inflight_requests") == 1

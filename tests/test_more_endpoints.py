@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +10,13 @@ import aiohttp
 import pytest
 
 from router.simulator import Simulator
+from tests.conftest import MODEL, GatewayClock
 from tests.redis_server import RedisServer
-from tests.support import CLIENT_KEY, FakeClock, GatewayProcess, gateway
-from tests.test_gateway import MODEL, config_for, sim_config
+from tests.support import CLIENT_KEY, GatewayProcess, gateway
+from tests.test_gateway import config_for
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 IMAGE_MODEL = "Qwen/Qwen-Image"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config(2, 2), clock=clock.seconds) as simulator:
-        yield simulator
 
 
 async def call(
@@ -58,11 +47,11 @@ async def poll(url: str, task_id: str) -> tuple[int, Any, dict[str, str]]:
 
 
 async def test_image_task_is_polled_at_the_key_that_made_it(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     config = config_for(sim)
     config["providers"][0]["strategy"] = "round_robin"
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         status, created, headers = await make_image(url)
         assert status == 200
         maker = headers["x-router-key"]
@@ -98,10 +87,12 @@ async def test_a_task_made_on_one_replica_is_polled_on_another(
     assert poll_headers["x-router-key"] == headers["x-router-key"]
 
 
-async def test_anthropic_messages_share_the_quota(sim: Simulator, clock: FakeClock) -> None:
+async def test_anthropic_messages_share_the_quota(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
     body = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
     headers = {"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"}
-    async with gateway(config_for(sim, bailian_limit=0), clock) as url:
+    async with gateway(config_for(sim, bailian_limit=0), gateway_clock) as url:
         status, message, _ = await call("POST", f"{url}/v1/messages", body, headers)
         assert status == 200
         assert message["type"] == "message"
@@ -123,10 +114,12 @@ async def test_anthropic_messages_share_the_quota(sim: Simulator, clock: FakeClo
     assert sim.state.stats("modelscope")["rejected"].get("429", 0) == 0
 
 
-async def test_passthrough_only_for_allow_listed_paths(sim: Simulator, clock: FakeClock) -> None:
+async def test_passthrough_only_for_allow_listed_paths(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
     config = config_for(sim)
     config["providers"][0]["passthrough"] = ["embeddings-alt"]
-    async with gateway(config, clock) as url:
+    async with gateway(config, gateway_clock) as url:
         for method, path in (
             ("POST", "/v1/audio/speech"),
             ("POST", "/v1/embeddings-alt/../../admin"),

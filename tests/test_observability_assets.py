@@ -28,8 +28,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.simulator import Simulator
-from tests.support import CLIENT_KEY, FakeClock, gateway
-from tests.test_gateway import MODEL, config_for, rejected, sim_config
+from tests.conftest import MODEL, GatewayClock, sim_config
+from tests.support import CLIENT_KEY, gateway
+from tests.test_gateway import config_for, rejected
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -316,7 +317,7 @@ def test_quota_gauges_are_deduplicated() -> None:
 
 async def gateway_exposition() -> str:
     """GET /metrics after real traffic: a failover (503), a stream, then the paid fallback."""
-    clock = FakeClock()
+    clock = GatewayClock()
     async with Simulator(sim_config(2, 2), clock=clock.seconds) as sim:
         sim.faults.add("status_503", token="alice")
         providers: list[str] = []

@@ -11,7 +11,7 @@ Bailian serves.
 ModelScope serves a few requests before its keys start failing, as a provider in use does; dave
 then answers 100 ms after the others fail, so within a burst three distinct keys fail before
 any success comes back (what opened the breaker before issue #11). The gateway and the
-simulator share a FakeClock that no test moves during a burst, so every answer of a burst falls
+simulator share a GatewayClock that no test moves during a burst, so every answer of a burst falls
 within the breaker's window: the outcome does not depend on how the burst's answers interleave.
 Wall-clock time only delays answers (dave's latency, the hanging key's read timeout); no test
 sleeps to wait for something.
@@ -26,17 +26,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.app import LIVE
 from router.breaker import Breakers
 from router.quota.types import KeyState
 from router.simulator import ModelScopeToken, Simulator
-from tests import test_gateway
-from tests.support import FakeClock, gateway_config
+from router.state import LIVE
+from tests.conftest import MODEL, GatewayClock
+from tests.support import gateway_config
 from tests.test_disconnects import Gateway, in_process_gateway
 from tests.test_failover import Reply, chat, make_sim, stats, used
-from tests.test_gateway import MODEL, rejected
-
-clock = test_gateway.clock  # the FakeClock fixture
+from tests.test_gateway import rejected
 
 MS = "modelscope"
 FAILING = {  # key -> how it fails (router.simulator.faults)
@@ -52,7 +50,7 @@ BURST = 50
 READ_TIMEOUT_S = 0.5
 
 
-def five_key_sim(clock: FakeClock) -> Simulator:
+def five_key_sim(clock: GatewayClock) -> Simulator:
     tokens = [
         ModelScopeToken(secret=s, name=n, daily_limit=10_000, model_daily_limit=10_000)
         for n, s in KEYS
@@ -75,7 +73,7 @@ def config_for(sim: Simulator) -> dict[str, Any]:
 
 
 def breakers(gw: Gateway) -> Breakers:
-    found: Breakers = gw.app[LIVE].runtime.proxy.breakers
+    found: Breakers = gw.app[LIVE].runtime.failover.breakers
     return found
 
 
@@ -92,7 +90,7 @@ def failovers(gw: Gateway, reason: str) -> float:
     return value or 0.0
 
 
-async def states(gw: Gateway, clock: FakeClock) -> dict[str, KeyState]:
+async def states(gw: Gateway, clock: GatewayClock) -> dict[str, KeyState]:
     return {u.key: u.state for u in await gw.snapshot(clock)}
 
 
@@ -127,12 +125,12 @@ def failing_but(sim: Simulator, healthy: str) -> None:
 
 
 async def test_keys_failing_four_ways_leave_the_healthy_key_serving_a_burst(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gateway_clock: GatewayClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router.proxy")
+    caplog.set_level(logging.INFO, logger="router.failover")
     async with (
-        five_key_sim(clock) as sim,
-        in_process_gateway(sim, clock, config_for(sim)) as gw,
+        five_key_sim(gateway_clock) as sim,
+        in_process_gateway(sim, gateway_clock, config_for(sim)) as gw,
         aiohttp.ClientSession() as http,
     ):
         await serving(http, gw.url)
@@ -150,7 +148,7 @@ async def test_keys_failing_four_ways_leave_the_healthy_key_serving_a_burst(
         assert {kind: fired.get(kind, 0) > 0 for kind in FAILING.values()} == {
             kind: True for kind in FAILING.values()
         }
-        assert await states(gw, clock) == {
+        assert await states(gw, gateway_clock) == {
             name: KeyState.AVAILABLE if name == HEALTHY else KeyState.COOLING for name, _ in KEYS
         }
         # a second burst, the failing keys still cooling: dave alone, not a single failure
@@ -165,12 +163,12 @@ async def test_keys_failing_four_ways_leave_the_healthy_key_serving_a_burst(
 
 
 async def test_once_the_healthy_key_fails_too_the_breaker_opens_and_bailian_serves(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gateway_clock: GatewayClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router.proxy")
+    caplog.set_level(logging.INFO, logger="router.failover")
     async with (
-        five_key_sim(clock) as sim,
-        in_process_gateway(sim, clock, config_for(sim)) as gw,
+        five_key_sim(gateway_clock) as sim,
+        in_process_gateway(sim, gateway_clock, config_for(sim)) as gw,
         aiohttp.ClientSession() as http,
     ):
         await serving(http, gw.url)
@@ -182,11 +180,11 @@ async def test_once_the_healthy_key_fails_too_the_breaker_opens_and_bailian_serv
         # the whole provider goes down; dave's last success leaves the window
         sim.faults.clear(MS)
         sim.faults.add("status_503", count=-1, provider=MS)
-        clock.advance(seconds=31)  # past the window, and every key's own cooldown (<= 30 s)
+        gateway_clock.advance(seconds=31)  # past the window, and every key's own cooldown (<= 30 s)
         assert_served_by(await burst(http, gw.url), "bailian", "main")
         opened = breakers(gw).blocking(MS, MODEL)
         assert opened is not None
-        assert (opened.trips, opened.until - clock.seconds()) == (1, 15)
+        assert (opened.trips, opened.until - gateway_clock.seconds()) == (1, 15)
         assert len(breaker_logs(caplog)) == 1
         # open: the next burst goes straight to Bailian, no ModelScope attempt at all
         tried = failures(sim)
@@ -195,19 +193,19 @@ async def test_once_the_healthy_key_fails_too_the_breaker_opens_and_bailian_serv
         assert failures(sim) == tried
         assert failovers(gw, "breaker_open") == skipped + BURST
         # no key disabled by the outage
-        assert KeyState.DISABLED not in (await states(gw, clock)).values()
+        assert KeyState.DISABLED not in (await states(gw, gateway_clock)).values()
     assert used(sim)[HEALTHY] == served
     assert used(sim, "bailian") == {"main": 2 * BURST}
     assert "KEY DISABLED" not in caplog.text
 
 
 async def test_every_key_failing_under_a_burst_opens_the_breaker_at_once(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gateway_clock: GatewayClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router.proxy")
+    caplog.set_level(logging.INFO, logger="router.failover")
     async with (
-        five_key_sim(clock) as sim,
-        in_process_gateway(sim, clock, config_for(sim)) as gw,
+        five_key_sim(gateway_clock) as sim,
+        in_process_gateway(sim, gateway_clock, config_for(sim)) as gw,
         aiohttp.ClientSession() as http,
     ):
         sim.faults.add("status_503", count=-1, provider=MS)
@@ -220,5 +218,5 @@ async def test_every_key_failing_under_a_burst_opens_the_breaker_at_once(
         assert 3 <= tried <= 3 * BURST
         assert_served_by(await burst(http, gw.url), "bailian", "main")
         assert rejected(sim, MS, "503") == tried
-        assert KeyState.DISABLED not in (await states(gw, clock)).values()
+        assert KeyState.DISABLED not in (await states(gw, gateway_clock)).values()
     assert used(sim) == {name: 0 for name, _ in KEYS}

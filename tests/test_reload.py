@@ -18,7 +18,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router.app import LIVE, create_app
+from router.app import create_app
 from router.config import load_settings
 from router.demo import running
 from router.simulator import (
@@ -29,7 +29,9 @@ from router.simulator import (
     Simulator,
     SimulatorConfig,
 )
-from tests.support import CLIENT_KEY, FakeClock, GatewayProcess, gateway_config
+from router.state import LIVE
+from tests.conftest import GatewayClock
+from tests.support import CLIENT_KEY, GatewayProcess, gateway_config
 from tests.test_admin import ADMIN, ADMIN_KEY
 
 MODEL = "Qwen/Qwen3-32B"
@@ -80,7 +82,7 @@ def write(path: Path, config: dict[str, Any]) -> None:
 
 
 @asynccontextmanager
-async def reloadable(path: Path, clock: FakeClock) -> AsyncIterator[tuple[web.Application, str]]:
+async def reloadable(path: Path, clock: GatewayClock) -> AsyncIterator[tuple[web.Application, str]]:
     """The gateway in this process, started from a config file (so it can reload it)."""
     app = create_app(
         load_settings(path), clock=clock, registry=CollectorRegistry(), config_path=path
@@ -115,7 +117,7 @@ def keys_of(quota: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_reload_keeps_streams_and_counts_and_takes_new_keys_limits_and_clients(
     tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
+    clock = GatewayClock()
     path = tmp_path / "router.yaml"
     async with Simulator(simulator_config(), clock=clock.seconds) as sim:
         config = first_config(sim)
@@ -200,7 +202,7 @@ async def test_reload_keeps_streams_and_counts_and_takes_new_keys_limits_and_cli
 
 
 async def test_reload_can_change_the_admin_key(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = GatewayClock()
     path = tmp_path / "router.yaml"
     async with Simulator(simulator_config(), clock=clock.seconds) as sim:
         config = first_config(sim)

@@ -6,11 +6,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from router.scheduler import MAX_NAP_SECONDS, watch_day_rollover
-from tests.support import FakeClock
+from tests.conftest import GatewayClock
 
 
 async def test_rollover_is_noticed_at_shanghai_midnight(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock(datetime(2026, 11, 29, 15, 58, tzinfo=UTC))  # 23:58 in Shanghai
+    clock = GatewayClock(datetime(2026, 11, 29, 15, 58, tzinfo=UTC))  # 23:58 in Shanghai
     naps: list[float] = []
     rollovers: list[tuple[str, str]] = []
     seen_at: list[datetime] = []

@@ -28,15 +28,12 @@ from router.config import Settings
 from router.demo import running
 from router.quota.days import QuotaCalendar
 from router.simulator import Simulator
-from tests import test_gateway
-from tests.support import CLIENT_KEY, FakeClock
+from tests.conftest import MODEL, GatewayClock
+from tests.support import CLIENT_KEY
 from tests.test_admin import ADMIN, ADMIN_KEY
 from tests.test_bad_input import CountingStore, Reply, openai_error
-from tests.test_gateway import MODEL, config_for
+from tests.test_gateway import config_for
 from tests.test_reload import reloadable, write
-
-clock = test_gateway.clock  # the FakeClock fixture, shared with the gateway tests
-sim = test_gateway.sim  # both simulated upstreams on loopback (2 calls a token)
 
 CHAT = "/v1/chat/completions"
 IMAGES = "/v1/images/generations"
@@ -89,7 +86,7 @@ def with_clients(config: dict[str, Any]) -> dict[str, Any]:
 
 @asynccontextmanager
 async def environment(
-    sim: Simulator, clock: FakeClock, config: dict[str, Any]
+    sim: Simulator, clock: GatewayClock, config: dict[str, Any]
 ) -> AsyncIterator[Env]:
     store = CountingStore()
     app = create_app(
@@ -106,9 +103,9 @@ async def environment(
     "model", ["Qwen/deepseek-r1", "Qwen/DeepSeek-R1", "Qwen/deepseek-ai/deepseek-v3.1"]
 )
 async def test_allow_list_is_not_bypassed_by_the_bailian_renaming(
-    sim: Simulator, clock: FakeClock, model: str
+    sim: Simulator, gateway_clock: GatewayClock, model: str
 ) -> None:
-    async with environment(sim, clock, with_clients(config_for(sim))) as env:
+    async with environment(sim, gateway_clock, with_clients(config_for(sim))) as env:
         spent = env.spent()
         refused = await env.chat(model, QWEN_KEY)
         message = openai_error(refused, 403, "permission_error", "model_not_allowed", "model")
@@ -123,9 +120,9 @@ async def test_allow_list_is_not_bypassed_by_the_bailian_renaming(
 
 
 async def test_allow_list_keeps_the_real_counterparts_of_allowed_models(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
-    async with environment(sim, clock, with_clients(config_for(sim))) as env:
+    async with environment(sim, gateway_clock, with_clients(config_for(sim))) as env:
         # Qwen/Qwen3-32B: ModelScope first ...
         served = await env.chat(MODEL, QWEN_KEY)
         assert served.status == 200, served.body
@@ -169,9 +166,9 @@ async def poll(http: aiohttp.ClientSession, url: str, task_id: str, key: str) ->
 
 
 async def test_only_the_client_that_made_a_task_may_poll_it(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
-    async with environment(sim, clock, with_clients(config_for(sim))) as env:
+    async with environment(sim, gateway_clock, with_clients(config_for(sim))) as env:
         created = await make_image(env, CLIENT_KEY)
         assert created.status == 200, created.body
         task_id = created.json()["task_id"]
@@ -193,13 +190,13 @@ async def test_only_the_client_that_made_a_task_may_poll_it(
 
 
 async def test_a_task_whose_key_a_reload_removed_is_a_clear_404(
-    sim: Simulator, clock: FakeClock, tmp_path: Path
+    sim: Simulator, gateway_clock: GatewayClock, tmp_path: Path
 ) -> None:
     config = with_clients(config_for(sim))
     config["admin"] = {"key": ADMIN_KEY}
     path = tmp_path / "router.yaml"
     write(path, config)
-    async with reloadable(path, clock) as (_app, url), aiohttp.ClientSession() as http:
+    async with reloadable(path, gateway_clock) as (_app, url), aiohttp.ClientSession() as http:
         env = Env(url, http, sim, CountingStore())
         created = await make_image(env, CLIENT_KEY)
         assert created.status == 200, created.body
@@ -228,12 +225,12 @@ async def test_a_task_whose_key_a_reload_removed_is_a_clear_404(
 
 @pytest.mark.parametrize("kind", ["big_body", "big_body_chunked"])
 async def test_an_upstream_answer_over_the_bound_is_a_502_and_stays_counted(
-    sim: Simulator, clock: FakeClock, kind: str
+    sim: Simulator, gateway_clock: GatewayClock, kind: str
 ) -> None:
     config = with_clients(config_for(sim))
     config["server"]["max_upstream_body_bytes"] = 4096
     config["providers"][0]["keys"] = config["providers"][0]["keys"][:1]  # alice alone
-    async with environment(sim, clock, config) as env:
+    async with environment(sim, gateway_clock, config) as env:
         sim.faults.add(f"{kind}:200000", token="alice")
         reply = await env.chat(MODEL)
         message = openai_error(reply, 502, "upstream_error", "upstream_body_too_large")
@@ -243,7 +240,7 @@ async def test_an_upstream_answer_over_the_bound_is_a_502_and_stays_counted(
         assert sim.state.stats("modelscope")["by_token"]["alice"]["used"] == 1
         assert sim.state.stats()["calls"] == 1
         assert env.store.settles == 0
-        day, _ = QuotaCalendar(ZoneInfo("Asia/Shanghai"), time(0, 0)).window(clock())
+        day, _ = QuotaCalendar(ZoneInfo("Asia/Shanghai"), time(0, 0)).window(gateway_clock())
         usage = await env.store.client_usage(day, ["team"])
         assert usage[0].used == 1
         # the key is not blamed: the next call is served by it at once
@@ -279,9 +276,9 @@ TWICE: list[tuple[str, bytes]] = [
 
 @pytest.mark.parametrize("body", [b for _, b in TWICE], ids=[name for name, _ in TWICE])
 async def test_a_body_with_model_twice_is_400_and_spends_nothing(
-    sim: Simulator, clock: FakeClock, body: bytes
+    sim: Simulator, gateway_clock: GatewayClock, body: bytes
 ) -> None:
-    async with environment(sim, clock, with_clients(config_for(sim))) as env:
+    async with environment(sim, gateway_clock, with_clients(config_for(sim))) as env:
         # the check comes before the allow-list: the client allowed one of the two learns
         # nothing else, and the one allowed neither is refused the same way
         for key in (CLIENT_KEY, QWEN_KEY):
@@ -291,7 +288,7 @@ async def test_a_body_with_model_twice_is_400_and_spends_nothing(
 
 
 async def test_model_once_with_lookalikes_elsewhere_is_served(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, gateway_clock: GatewayClock
 ) -> None:
     body = orjson.dumps(
         {
@@ -301,7 +298,7 @@ async def test_model_once_with_lookalikes_elsewhere_is_served(
             "user": "model",
         }
     ).replace("中文".encode(), b"\\u4e2d\\u6587")
-    async with environment(sim, clock, with_clients(config_for(sim))) as env:
+    async with environment(sim, gateway_clock, with_clients(config_for(sim))) as env:
         reply = await env.send("POST", CHAT, body)
         assert reply.status == 200, reply.body
         assert reply.json()["model"] == MODEL

@@ -1,7 +1,7 @@
 """The header sync costs a round trip only for outside use, not for concurrency."""
 
-from router.proxy import LowestSeen, worth_settling
 from router.quota.types import Reservation, Settlement
+from router.settling import LowestSeen, worth_settling
 
 
 def reservation(remaining: int, model_remaining: int, day: str = "20261129") -> Reservation:

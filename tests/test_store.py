@@ -1,4 +1,5 @@
-"""One behaviour suite run against every QuotaStore (memory, SQLite, Redis)."""
+"""One behaviour suite run against every QuotaStore (memory, SQLite, and Redis as one server,
+a Cluster and a Sentinel service)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from redis.crc import key_slot
 from router.quota import keys as k
 from router.quota.factory import open_store
 from router.quota.memory_store import MemoryStore
-from router.quota.redis_lane import LaneConnection
 from router.quota.redis_store import RedisStore
 from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore, StoreError
@@ -786,24 +786,18 @@ def test_key_names_of_the_default_prefix() -> None:
 
 
 class _RoundTrips:
-    """Counts what the Redis client (and the store's script lane, for reserve and settle)
-    writes to its sockets: one write per round trip."""
+    """Counts what redis-py's connections (standalone, Cluster nodes, Sentinel-managed) write to
+    their sockets: one write per round trip."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
         send = AsyncConnection.send_packed_command
-        lane_send = LaneConnection.send
 
         async def counting(conn: AsyncConnection, command: Any, check_health: bool = True) -> None:
             self.count += 1
             await send(conn, command, check_health)
 
-        def lane_counting(conn: LaneConnection, command: bytes) -> asyncio.Future[Any]:
-            self.count += 1
-            return lane_send(conn, command)
-
         monkeypatch.setattr(AsyncConnection, "send_packed_command", counting)
-        monkeypatch.setattr(LaneConnection, "send", lane_counting)
 
     def take(self) -> int:
         count, self.count = self.count, 0
@@ -821,6 +815,9 @@ async def test_redis_every_call_is_one_round_trip(
             res = await reserve(store, free)
             await store.settle(res, Settlement(release=True), NOW)
             await store.reset_key(PROVIDER, "zzz", DAY)
+            await store.snapshot(PROVIDER, keys, DAY, NOW)
+            await store.disable(PROVIDER, "zzz", "fp1", "401")
+            await store.client_usage(DAY, ["alice"], {PROVIDER: FREE}, NOW)
         trips = _RoundTrips(monkeypatch)
         for _ in range(16):  # into the share-out: 20 - 15 < 0.3 * 20 on the 16th call
             res = await reserve(store, free)

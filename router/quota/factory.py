@@ -16,6 +16,9 @@ def open_store(
 ) -> QuotaStore:
     """A store for ``url``; ``prefix`` namespaces the Redis keys (other stores ignore it).
 
+    Redis: one server (redis://, rediss://, unix://), a Cluster (redis+cluster://) or a
+    Sentinel service (redis+sentinel://); see router.quota.urls for the forms.
+
     ``on_error`` (store.on_error) applies to Redis only: "fail_open" wraps it in a
     ResilientStore; the default "fail_closed" answers 503 while Redis is away.
     The schemes are router.quota.urls.STORE_SCHEMES, which the config checks too.

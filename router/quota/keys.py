@@ -13,8 +13,9 @@ DEFAULT_PREFIX = "modelscope-router"
 # client (in the clients day map, shared by all providers) atomically with the key (in the
 # provider's day map) in one script, and a script may only touch keys of one Cluster slot.
 # Per-provider tags would put the clients map in another slot. So the whole deployment is
-# one slot: still correct on Redis Cluster, just not spread over its shards (this load is
-# small). Provider maps sit under ``p:<provider>``; provider names cannot hold ':', so no
+# one slot: correct on Redis Cluster (redis+cluster://, tested against a real one), just not
+# spread over its shards (this load is small); every key a script touches is passed in KEYS.
+# Provider maps sit under ``p:<provider>``; provider names cannot hold ':', so no
 # provider (not even one named "clients" or "task") can collide with the other keys.
 #   {prefix}:p:<provider>:day:<day>    a provider's day map (fields below)
 #   {prefix}:p:<provider>:disabled     key name -> "fingerprint|reason"

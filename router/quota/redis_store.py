@@ -1,21 +1,35 @@
-"""A QuotaStore in Redis: each reserve and each settle is one EVALSHA of a Lua script."""
+"""A QuotaStore in Redis: each reserve and each settle is one EVALSHA of a Lua script.
+
+Every command goes through redis-py's asyncio clients, on the topology the URL names
+(router/quota/urls.py): one server (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
+(``redis+cluster://``, ``RedisCluster`` seeded by the nodes listed) or the master of a Sentinel
+service (``redis+sentinel://``, ``Sentinel(...).master_for(service)``, followed through
+failovers). Every key of a deployment has one hash tag (keys.py), so each script's keys are in
+one Cluster slot, and every call is one keyed command: a script (EVALSHA, SCRIPT LOAD after a
+NOSCRIPT) or a single-key command, routed and redirected (MOVED, ASK) by the Cluster client.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from router.quota import keys as k
 from router.quota import logic
 from router.quota.days import wall_clock_ms
-from router.quota.redis_lane import LaneScript, ScriptLane, bulks, pack_fast
 from router.quota.store import StoreError
 from router.quota.types import (
     ClientUsage,
@@ -26,20 +40,34 @@ from router.quota.types import (
     Refusal,
     Reservation,
     ReserveRequest,
-    RouteIdent,
     Settlement,
     SettleResult,
 )
-from router.quota.urls import mask_url
+from router.quota.urls import SERVER_SCHEMES, mask_url, parse_redis_url, split_scheme
 
 T = TypeVar("T")
+Client = Redis | RedisCluster
 
 DAY_MS = 86_400_000
 # Small enough that a hung Redis fails a request fast (503, or the local allowance with
-# store.on_error: fail_open), large enough for any script of ours on a loaded server.
+# store.on_error: fail_open), large enough for any script of ours on a loaded server. It bounds
+# every connect, and every call to one server as a whole; a call to a Cluster or a Sentinel
+# service (a topology refresh or a master lookup may come ahead of the command) gets
+# CALL_TIMEOUTS of it. A call waiting for one of the max_connections in flight waits at most
+# one more.
 SOCKET_TIMEOUT_S = 2.0
-# Pre-encoded reserve commands kept (a few per provider, model, client and day).
-FRAMES_MAX = 1024
+CALL_TIMEOUTS = 2
+# What a call may raise, all of it a StoreError at RedisStore._io: redis-py's errors
+# (RedisError; RedisClusterException is not one), the socket's (OSError), the call's own
+# deadline (TimeoutError), and more: a connection closed under a command by another task (a
+# Cluster client recycling a failed node's connections while they are handed out again)
+# surfaces as AttributeError or TypeError from asyncio's transport, not as a ConnectionError
+# (redis-py issues 3546, 4287). The store failing, whatever the type: never a 500.
+
+# A standalone client sent to a Cluster node: what it gets back (MOVED is an AskError), and
+# what to do about it.
+_CLUSTER_REPLIES = (AskError, ClusterDownError, TryAgainError)
+_USE_CLUSTER = " (a Redis Cluster node: write redis+cluster://host:port[,host:port...])"
 
 
 class DayDeltas(NamedTuple):
@@ -58,10 +86,6 @@ def _lua(name: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
-    return {_text(f): _text(v) for f, v in raw.items()}
 
 
 def _cap(limit: int | None) -> int:
@@ -110,14 +134,6 @@ def _reserve_outcome(req: ReserveRequest, reply: Sequence[Any]) -> Reservation |
     )
 
 
-class _ReserveFrame(NamedTuple):
-    """A reserve EVALSHA encoded but for now_ms and day_end_ms (RedisStore._reserve_command)."""
-
-    req: ReserveRequest  # the one it was made for: its keys and client keep their ids
-    head: bytes  # *N, EVALSHA, sha, 3, the three keys, model, strategy
-    tail: bytes  # every argument after day_end_ms
-
-
 def _settle_args(res: Reservation, s: Settlement, now_ms: int) -> list[str | int]:
     cooldown = s.cooldown
     return [
@@ -154,21 +170,143 @@ def _settle_result(reply: Sequence[Any]) -> SettleResult:
     )
 
 
+def _no_retry() -> Retry:
+    """No command is sent twice: a script whose reply was lost may have run, and a settle run
+    twice would give a call back twice. The next call reconnects (and a Cluster client finds
+    the slot's master again); MOVED and ASK, which say the command did not run, are followed."""
+    return Retry(NoBackoff(), 0)
+
+
+def _no_maintenance() -> MaintNotificationsConfig:
+    """Off: redis-py 8 turns on "maintenance notifications" (a Redis Enterprise feature) by
+    default with RESP3. They cost a handshake command per connection, and while they are on
+    its pools hand out a connection the server closed (a restarted Redis) without checking it
+    first, so the next call after a restart would fail."""
+    return MaintNotificationsConfig(enabled=False)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    """HGETALL as a script returns it (field, value, field, value, ...) as a dict."""
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel client, with a master lookup safe for concurrent callers.
+
+    redis-py's discover_master moves the sentinel that answered to the front of
+    ``self.sentinels`` by swapping two positions read before an await. Concurrent lookups
+    (during a failover every connection opened makes one) then leave one sentinel's client
+    twice in the list and another's not at all: from then on fewer sentinels are asked, and
+    the lost client is never closed. Here the one that answered moves to the front by
+    identity, with no await in between. Otherwise the same: sentinels asked in turn, the first
+    that names a master that is not down wins.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors = []
+        for sentinel in list(self.sentinels):
+            try:
+                masters: Any = await sentinel.sentinel_masters()  # name -> state
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                errors.append(f"{sentinel} - {exc!r}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                if sentinel in self.sentinels:
+                    self.sentinels.remove(sentinel)
+                    self.sentinels.insert(0, sentinel)
+                ip = state["ip"] if self._force_master_ip is None else self._force_master_ip
+                return ip, int(state["port"])
+        why = f" : {', '.join(errors)}" if errors else ""
+        raise MasterNotFoundError(f"No master found for {service_name!r}{why}")
+
+
+def connect(url: str, *, timeout: float, max_connections: int) -> tuple[Client, Sentinel | None]:
+    """A redis-py client for the topology ``url`` names, and the Sentinel client behind it.
+
+    Every connect is bounded by ``timeout`` and no command is retried (``_no_retry``); reads
+    are bounded by RedisStore's deadline of each call, and also by ``timeout`` where a timely
+    redis-py TimeoutError matters: a Cluster client refreshes its topology on one (it does
+    not on a cancelled read), and a Sentinel lookup moves on to the next sentinel. On one
+    server and a Sentinel's master, no per-read timer and no waiting pool: redis-py's
+    socket_timeout (a task per write, a timer per read) and its blocking pool (a lock per
+    checkout) each cost about as much CPU as the rest of a command; RedisStore keeps the
+    calls in flight below ``max_connections`` itself. Nothing connects until the first
+    command.
+    """
+    scheme, _ = split_scheme(url)
+    if scheme in SERVER_SCHEMES:
+        pool = ConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            decode_responses=True,
+            socket_timeout=None,
+            socket_connect_timeout=timeout,
+            retry=_no_retry(),
+            maint_notifications_config=_no_maintenance(),
+        )
+        return Redis.from_pool(pool), None
+    target = parse_redis_url(url)
+    options = dict(target.options)
+    sentinel_auth: dict[str, Any] = {
+        "username": options.pop("sentinel_username", None),
+        "password": options.pop("sentinel_password", None),
+    }
+    common: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "retry": _no_retry(),
+        "maint_notifications_config": _no_maintenance(),
+        "ssl": target.tls,
+        **options,  # client_name and ssl_*: urls.py accepts no other
+    }
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    if target.topology == "cluster":
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+            # The deployment needs its one slot, not all 16384: a shard lost elsewhere in the
+            # cluster does not stop it.
+            require_full_coverage=False,
+            # A MOVED is followed and patches that slot's owner; never a whole-client close
+            # (redis-py closes every node's connections after N MOVED, in-flight calls too).
+            # A lost node still refreshes the whole topology (on the next call).
+            reinitialize_steps=0,
+            max_connections=max_connections,  # per node; RedisStore keeps below it
+            decode_responses=True,
+            socket_timeout=timeout,
+            **auth,
+            **common,
+        )
+        return cluster, None
+    assert target.service is not None
+    # (redis-py's Sentinel.__init__ has no annotations)
+    sentinel = _Sentinel(  # type: ignore[no-untyped-call]
+        target.hosts, sentinel_kwargs={"socket_timeout": timeout, **common, **sentinel_auth}
+    )
+    master = sentinel.master_for(
+        target.service,
+        redis_class=Redis,
+        db=target.db,
+        max_connections=max_connections,
+        decode_responses=True,
+        **auth,
+        **common,
+    )
+    return master, sentinel
+
+
 class RedisStore:
     """Day, disabled and clients maps as Redis hashes, all under one hash tag (see keys.py).
 
-    Given a URL the store owns its client and closes it. That client does not retry: a
-    script whose reply was lost may already have run, and running a settle twice would
-    release a call twice. A client passed in is used as configured and left open.
-    reserve and settle, the hot path, go on a ScriptLane of the store's own (one pipelined
-    connection with the client's settings and ``socket_timeout``; it never retries either)
-    unless those settings are some a lane does not carry out (see redis_lane.py).
-    ``clock`` (Unix ms) is only the default ``now`` of client_usage: Redis expires tasks.
+    Given a URL the store owns its client (``connect``: standalone, Cluster or Sentinel) and
+    closes it; a client passed in (a ``Redis`` or a ``RedisCluster``) is used as configured
+    and left open. At most ``max_connections`` calls are in flight at once; any failure of a
+    call becomes a StoreError in ``_io``, within a bounded time. ``clock`` (Unix ms) is only
+    the default ``now`` of client_usage: Redis expires tasks.
     """
 
     def __init__(
         self,
-        redis: str | Redis,
+        redis: str | Client,
         *,
         prefix: str = k.DEFAULT_PREFIX,
         socket_timeout: float = SOCKET_TIMEOUT_S,
@@ -176,38 +314,43 @@ class RedisStore:
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._clock = clock
+        self._sentinels: list[Redis] = []  # the clients of the sentinels, closed by aclose
         if isinstance(redis, str):
             self._where = mask_url(redis)
-            # A blocking pool: a burst beyond max_connections waits for a free connection
-            # (each script is short) instead of failing with "Too many connections".
-            pool = BlockingConnectionPool.from_url(
-                redis,
-                max_connections=max_connections,
-                timeout=socket_timeout,
-                decode_responses=True,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(NoBackoff(), 0),
+            self._client, sentinel = connect(
+                redis, timeout=socket_timeout, max_connections=max_connections
             )
-            self._client = Redis.from_pool(pool)
+            if sentinel is not None:
+                self._sentinels = list(sentinel.sentinels)
             self._owns_client = True
         else:
             self._where = "client"
             self._client = redis
             self._owns_client = False
+        # A Cluster client routes a command by its keys only once it knows the topology; a
+        # command issued while it does not (first use, or after a node was lost) would go to
+        # any node and be MOVED. So every call first awaits initialize(), which returns at
+        # once when the topology is known and otherwise waits for the one refresh under way.
+        self._cluster = isinstance(self._client, RedisCluster)
+        self._discover: Callable[[], Awaitable[Any]] | None = (
+            self._client.initialize if isinstance(self._client, RedisCluster) else None
+        )
         self._prefix = prefix
-        # register_script: EVALSHA, and SCRIPT LOAD + retry only after a NOSCRIPT.
-        self._reserve_script = self._client.register_script(_lua("reserve.lua"))
-        self._settle_script = self._client.register_script(_lua("settle.lua"))
-        self._reset_key_script = self._client.register_script(_lua("reset_key.lua"))
-        self._heartbeat_script = self._client.register_script(_lua("heartbeat.lua"))
-        self._writeback_script = self._client.register_script(_lua("writeback.lua"))
-        # reserve and settle: on one pipelined connection of their own, unless its settings
-        # are some a lane does not carry out (then on redis-py as the rest; see redis_lane).
-        self._lane = ScriptLane.for_client(self._client, timeout=socket_timeout)
-        self._reserve_lua = LaneScript(_lua("reserve.lua"))
-        self._settle_lua = LaneScript(_lua("settle.lua"))
-        self._reserve_frames: dict[tuple[RouteIdent, str], _ReserveFrame] = {}
+        self._timeout = socket_timeout
+        one_server = not self._cluster and not self._sentinels
+        self._deadline = socket_timeout * (1 if one_server else CALL_TIMEOUTS)
+        self._in_flight = asyncio.Semaphore(max_connections)
+        # register_script: EVALSHA, and SCRIPT LOAD + EVALSHA only after a NOSCRIPT (the
+        # script did not run then). A Cluster client loads it on every master.
+        register = self._client.register_script
+        self._reserve_script = register(_lua("reserve.lua"))
+        self._settle_script = register(_lua("settle.lua"))
+        self._snapshot_script = register(_lua("snapshot.lua"))
+        self._disable_script = register(_lua("disable.lua"))
+        self._client_usage_script = register(_lua("client_usage.lua"))
+        self._reset_key_script = register(_lua("reset_key.lua"))
+        self._heartbeat_script = register(_lua("heartbeat.lua"))
+        self._writeback_script = register(_lua("writeback.lua"))
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -219,69 +362,52 @@ class RedisStore:
             k.clients_key(self._prefix, day),
         ]
 
-    async def _io(self, call: Awaitable[T]) -> T:
-        """The one boundary where Redis errors (redis-py's or the lane's) become StoreError."""
-        try:
-            return await call
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis {self._where}: {type(exc).__name__}: {exc}") from exc
+    async def _io(self, call: Callable[[], Awaitable[T]], *, command: bool = True) -> T:
+        """The one boundary where Redis errors become StoreError, for every call.
 
-    def _reserve_command(self, req: ReserveRequest) -> bytes:
-        """EVALSHA of reserve.lua for ``req`` as RESP: ``pack`` of the keys and _reserve_args.
-
-        Only now_ms and day_end_ms change between the requests of one route and day
-        (``ReserveRequest.route``), so the rest is encoded once.
+        Bounded: waiting for a turn (at most max_connections calls in flight) takes at most
+        one socket timeout, and the call itself at most one (one server) or CALL_TIMEOUTS of
+        them (a Cluster's topology refresh, a Sentinel's master lookup, then the command),
+        whatever redis-py does inside: a call cut off at its deadline closes its connection
+        (redis-py drops a connection whose reply is cancelled), so no late reply is read by
+        another call.
+        ``command`` False: not a command to Redis (closing), so no topology is looked up.
         """
-        frames = self._reserve_frames
-        ident = (req.route(), req.day)
-        frame = frames.get(ident)
-        if frame is None or not frame.req.same_route(req):
-            args = _reserve_args(req)
-            head: tuple[str | int, ...] = (
-                "EVALSHA",
-                self._reserve_lua.sha,
-                3,
-                *self._keys(req.provider, req.day),
-            )
-            frame = _ReserveFrame(
-                req,
-                b"*%d\r\n%s" % (len(head) + len(args), bulks(*head, *args[:2])),
-                bulks(*args[4:]),
-            )
-            if len(frames) >= FRAMES_MAX:
-                del frames[next(iter(frames))]  # the oldest
-            frames[ident] = frame
-        now, end = b"%d" % req.now_ms, b"%d" % req.day_end_ms
-        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
-            frame.head,
-            len(now),
-            now,
-            len(end),
-            end,
-            frame.tail,
-        )
+        in_flight = self._in_flight
+        try:
+            if in_flight.locked():
+                async with asyncio.timeout(self._timeout):
+                    await in_flight.acquire()
+            else:
+                await in_flight.acquire()  # a free turn: taken at once
+            try:
+                async with asyncio.timeout(self._deadline):
+                    if command and self._discover is not None:
+                        await self._discover()
+                    return await call()
+            finally:
+                in_flight.release()
+        except Exception as exc:  # every failure of the client (see above)
+            raise StoreError(f"redis {self._where}: {self._describe(exc)}") from exc
 
-    def _settle_command(self, res: Reservation, s: Settlement, now_ms: int) -> bytes:
-        """EVALSHA of settle.lua as RESP (settles are rare: nothing kept between calls)."""
-        keys = self._keys(res.provider, res.day)
-        return pack_fast(("EVALSHA", self._settle_lua.sha, 3, *keys, *_settle_args(res, s, now_ms)))
+    def _describe(self, exc: BaseException) -> str:
+        if type(exc) is TimeoutError:  # asyncio.timeout's: no text of its own
+            return f"TimeoutError: no answer within {self._deadline:g} s"
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _CLUSTER_REPLIES) and not self._cluster:
+            text += _USE_CLUSTER
+        return text
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        if self._lane is None:
-            keys = self._keys(req.provider, req.day)
-            reply = await self._io(self._reserve_script(keys=keys, args=_reserve_args(req)))
-        else:
-            reply = await self._io(self._lane.run(self._reserve_lua, self._reserve_command(req)))
+        keys = self._keys(req.provider, req.day)
+        args = _reserve_args(req)
+        reply = await self._io(lambda: self._reserve_script(keys=keys, args=args))
         return _reserve_outcome(req, reply)
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        if self._lane is None:
-            keys = self._keys(res.provider, res.day)
-            args = _settle_args(res, settlement, now_ms)
-            reply = await self._io(self._settle_script(keys=keys, args=args))
-        else:
-            command = self._settle_command(res, settlement, now_ms)
-            reply = await self._io(self._lane.run(self._settle_lua, command))
+        keys = self._keys(res.provider, res.day)
+        args = _settle_args(res, settlement, now_ms)
+        reply = await self._io(lambda: self._settle_script(keys=keys, args=args))
         return _settle_result(reply)
 
     async def snapshot(
@@ -292,31 +418,28 @@ class RedisStore:
         now_ms: int,
         model_limits: Mapping[str, int] | None = None,
     ) -> list[KeyUsage]:
-        day_map, disabled_map, _ = self._keys(provider, day)
-        pipe = self._client.pipeline(transaction=True)  # one round trip, one consistent view
-        pipe.hgetall(day_map)
-        pipe.hgetall(disabled_map)
-        fields, disabled = await self._io(pipe.execute())
+        maps = self._keys(provider, day)[:2]  # one script: one round trip, one consistent view
+        fields, disabled = await self._io(lambda: self._snapshot_script(keys=maps))
         return logic.summarize(
-            provider, _text_map(fields), _text_map(disabled), keys, now_ms, model_limits
+            provider, _pairs(fields), _pairs(disabled), keys, now_ms, model_limits
         )
 
     async def enable(self, provider: str, key: str) -> None:
-        await self._io(self._client.hdel(k.disabled_key(self._prefix, provider), key))
+        disabled_map = k.disabled_key(self._prefix, provider)
+        await self._io(lambda: self._client.hdel(disabled_map, key))
 
     async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
-        disabled_map = k.disabled_key(self._prefix, provider)
-        pipe = self._client.pipeline(transaction=True)  # one round trip: read and write at once
-        pipe.hget(disabled_map, key)
-        pipe.hset(disabled_map, key, logic.disabled_record(fingerprint, reason))
-        before, _ = await self._io(pipe.execute())
+        maps = [k.disabled_key(self._prefix, provider)]
+        args = [key, logic.disabled_record(fingerprint, reason)]
+        # one script: read and write at once
+        before = await self._io(lambda: self._disable_script(keys=maps, args=args))
         was = {} if before is None else {key: _text(before)}
         newly, _ = logic.disable_on(was, key, fingerprint, reason)
         return newly
 
     async def reset_key(self, provider: str, key: str, day: str) -> None:
         day_map = k.day_key(self._prefix, provider, day)
-        await self._io(self._reset_key_script(keys=[day_map], args=[key]))
+        await self._io(lambda: self._reset_key_script(keys=[day_map], args=[key]))
 
     async def client_usage(
         self,
@@ -328,28 +451,38 @@ class RedisStore:
         free = free or {}
         now = self._clock() if now_ms is None else now_ms
         wanted = [k.SHARE_OUT_FIELD, *(k.fair_used_field(client) for client in clients)]
-        pipe = self._client.pipeline(transaction=True)  # one round trip, one consistent view
-        pipe.hgetall(k.clients_key(self._prefix, day))
-        for provider in free:
-            pipe.hmget(k.day_key(self._prefix, provider, day), wanted)
-        client_map, *values = await self._io(pipe.execute())
+        maps = [
+            k.clients_key(self._prefix, day),
+            *(k.day_key(self._prefix, provider, day) for provider in free),
+        ]
+        # one script: one round trip, one consistent view
+        client_map, *values = await self._io(
+            lambda: self._client_usage_script(keys=maps, args=wanted)
+        )
         providers = {
             provider: {f: _text(v) for f, v in zip(wanted, got, strict=True) if v is not None}
             for provider, got in zip(free, values, strict=True)
         }
-        return logic.client_usages(_text_map(client_map), providers, clients, free, now)
+        return logic.client_usages(_pairs(client_map), providers, clients, free, now)
 
     async def remember_task(self, task_id: str, value: str, ttl_ms: int) -> None:
         if ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be positive, not {ttl_ms}")
-        await self._io(self._client.set(k.task_key(self._prefix, task_id), value, px=ttl_ms))
+        task = k.task_key(self._prefix, task_id)
+        await self._io(lambda: self._client.set(task, value, px=ttl_ms))
 
     async def recall_task(self, task_id: str) -> str | None:
-        value = await self._io(self._client.get(k.task_key(self._prefix, task_id)))
+        task = k.task_key(self._prefix, task_id)
+        value = await self._io(lambda: self._client.get(task))
         return None if value is None else _text(value)
 
     async def ping(self) -> None:
-        await self._io(self._client.ping())
+        if self._cluster:
+            # PING would go to any node: ask the master of this deployment's slot instead.
+            replicas = k.replicas_key(self._prefix)
+            await self._io(lambda: self._client.exists(replicas))
+        else:
+            await self._io(self._client.ping)
 
     # -- for ResilientStore (store.on_error: fail_open) ----------------------------------------
 
@@ -371,7 +504,7 @@ class RedisStore:
         for (provider, day), wanted in reads.items():
             keys.append(k.day_key(self._prefix, provider, day))
             args += [len(wanted), *wanted]
-        reply = await self._io(self._heartbeat_script(keys=keys, args=args))
+        reply = await self._io(lambda: self._heartbeat_script(keys=keys, args=args))
         read = {
             where: {
                 field: None if value is None else _text(value)
@@ -382,7 +515,8 @@ class RedisStore:
         return int(reply[0]), read
 
     async def forget_replica(self, replica: str) -> None:
-        await self._io(self._client.hdel(k.replicas_key(self._prefix), replica))
+        replicas = k.replicas_key(self._prefix)
+        await self._io(lambda: self._client.hdel(replicas, replica))
 
     async def write_back(self, token: str, batch: Sequence[DayDeltas]) -> bool:
         """Add ``batch`` to the day maps in one script, once per ``token``.
@@ -404,11 +538,16 @@ class RedisStore:
             args.append(len(deltas))
             for field, delta in deltas:
                 args += [field, delta]
-        reply = await self._io(self._writeback_script(keys=keys, args=args))
+        reply = await self._io(lambda: self._writeback_script(keys=keys, args=args))
         return int(reply) == 1
 
     async def aclose(self) -> None:
-        if self._lane is not None:
-            await self._lane.aclose()
-        if self._owns_client:
-            await self._io(self._client.aclose())
+        if not self._owns_client:
+            return
+        try:
+            await self._io(self._client.aclose, command=False)
+        finally:
+            # The clients of the sentinels themselves (Sentinel.aclose is recent in redis-py:
+            # closed one by one here).
+            for client in self._sentinels:
+                await self._io(client.aclose, command=False)
