@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import redis
@@ -255,7 +255,28 @@ def _cli_auth(password: str | None) -> list[str]:
     return [] if password is None else ["-a", password, "--no-auth-warning"]
 
 
-class LocalCluster:
+class _Started:
+    """A group of servers as a context manager: started on entry, and nothing left running
+    when it could not start or once the block ends."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalCluster(_Started):
     """A Redis Cluster on loopback: ``masters`` masters with ``replicas`` replicas each.
 
     Every node runs with ``--cluster-node-timeout node_timeout_ms`` (a master unreachable that
@@ -377,16 +398,6 @@ class LocalCluster:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> LocalCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # nothing left running when it could not start
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class SentinelProcess:
     """One redis-sentinel with its own config file (sentinels rewrite it) in a temp dir."""
@@ -432,7 +443,7 @@ class SentinelProcess:
             shutil.rmtree(self.dir)
 
 
-class LocalSentinel:
+class LocalSentinel(_Started):
     """A master and a replica (``password`` on both) watched by three sentinels (their own
     ``sentinel_password``): quorum 2, a master unreachable ``down_after_ms`` is failed over."""
 
@@ -563,13 +574,3 @@ class LocalSentinel:
             sentinel.close()
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> LocalSentinel:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # nothing left running when it could not start
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
