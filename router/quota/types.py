@@ -67,20 +67,6 @@ class ReserveRequest:
     day_end_ms: int  # the next reset (Unix ms): cooldowns never pass it, counters expire after it
     client: ClientQuota | None = None
 
-    def route(self) -> RouteIdent:
-        """What is asked for, as a cheap dict key: the request path passes the same cached
-        keys tuple and ClientQuota for a route (KeyPool.specs, ClientPolicy.quota_for), so
-        their ids name them without hashing every KeySpec. An id may be reused once its
-        object is gone: a cache keeps a request of its own and checks ``same_route``."""
-        return (self.provider, self.model, self.strategy, id(self.keys), id(self.client))
-
-    def same_route(self, other: ReserveRequest) -> bool:
-        """``other`` names the very keys and client quota objects of this request."""
-        return self.keys is other.keys and self.client is other.client
-
-
-RouteIdent = tuple[str, str, Strategy, int, int]
-
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
