@@ -238,7 +238,10 @@ class Lua:
         )
 
     def load(self, state: DayState) -> None:
+        """Put ``state`` in Redis behind the scripts' back, so bump the epoch as the stores'
+        own changes do: reserve.lua rebuilds its index from the maps."""
         self.admin.delete(*self.keys)
+        self.admin.incr(k.epoch_key(self.prefix, PROVIDER))
         for key, fields in zip(
             self.keys, (state.fields, state.disabled, state.clients), strict=True
         ):
@@ -293,7 +296,9 @@ RESERVE_EDGES = [
         ),
         None,
     ),
-    (_state(("u|k1", 1), ("rr", 1), keys=3), None),  # most_remaining tie after the cursor
+    (_state(("u|k1", 1), ("rr", 1), keys=3), None),  # a tie after the cursor
+    (_state(("u|k0", 2), ("u|k1", 1), ("rr", 1), keys=3), None),  # the most left, 2nd tie
+    (_state(("u|k0", 5), ("rr", 7), keys=3, limit=9), None),  # a cursor past the last key
     # the client's daily limit: reached, and one call short of it
     (_state(clients=(("t|alice", 3),)), ClientQuota("alice", 3, None)),
     (_state(clients=(("t|alice", 2),)), ClientQuota("alice", 3, EQUAL)),

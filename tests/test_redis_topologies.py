@@ -347,7 +347,7 @@ def test_every_script_touches_only_keys_passed_in_keys() -> None:
     scripts = [
         f for f in (resources.files("router.quota") / "lua").iterdir() if f.name.endswith(".lua")
     ]
-    assert len(scripts) == 8
+    assert len(scripts) == 9
     for script in scripts:
         assert _undeclared_keys(script.read_text(encoding="utf-8")) == [], script.name
     # The check itself sees a key that does not come from KEYS.
@@ -417,6 +417,7 @@ async def test_every_call_is_one_round_trip_on_cluster_and_sentinel(
             await store.settle(res, Settlement(release=True), NOW)
             await store.snapshot(PROVIDER, keys, DAY, NOW)
             await store.disable(PROVIDER, "zzz", "fp", "401")
+            await store.enable(PROVIDER, "zzz")
             await store.client_usage(DAY, ["alice"], {PROVIDER: FAIR}, NOW)
             await store.reset_key(PROVIDER, "zzz", DAY)
             await store.ping()
@@ -914,6 +915,8 @@ async def test_an_acl_user_limited_to_the_deployment_keys() -> None:
                     "+script|load",
                     "+@hash",
                     "+@string",
+                    "+@sortedset",
+                    "+del",
                     "+pexpire",
                     "+time",
                     "+ping",

@@ -59,7 +59,7 @@ def test_retry_at_is_the_earliest_available_at() -> None:
 
 def test_cooldown_that_ended_does_not_block() -> None:
     views = [KeyView(cooling_until_ms=NOW, model_cooling_until_ms=NOW - 1)]
-    assert select_key(views, MR, 0, NOW) == Selection(0, 1, None)
+    assert select_key(views, MR, 0, NOW) == Selection(0, 0, None)
 
 
 def test_most_remaining_takes_the_most_left_of_key_and_model() -> None:
@@ -68,7 +68,7 @@ def test_most_remaining_takes_the_most_left_of_key_and_model() -> None:
         KeyView(used=5, limit=10),  # 5 left
         KeyView(used=0, limit=4),  # 4 left
     ]
-    assert select_key(views, MR, 0, NOW) == Selection(1, 2, None)
+    assert select_key(views, MR, 0, NOW) == Selection(1, 0, None)
 
 
 def test_most_remaining_no_cap_beats_any_cap() -> None:
@@ -77,15 +77,34 @@ def test_most_remaining_no_cap_beats_any_cap() -> None:
     assert select_key(views, MR, 0, NOW).chosen == 1
 
 
-@pytest.mark.parametrize(("cursor", "chosen"), [(0, 0), (1, 1), (2, 2), (3, 0), (5, 2), (-1, 2)])
-def test_most_remaining_ties_go_to_the_first_from_the_cursor(cursor: int, chosen: int) -> None:
+def test_with_no_cap_the_key_that_served_less_has_more_left() -> None:
+    assert KeyView(used=3).remaining() == INF - 3
+    views = [KeyView(used=2), KeyView(used=1), KeyView(used=2)]
+    assert select_key(views, MR, 0, NOW).chosen == 1
+
+
+@pytest.mark.parametrize("cursor", [0, 1, 2, 5, -1])
+def test_most_remaining_ties_go_to_the_first_key_whatever_the_cursor(cursor: int) -> None:
     views = [free(), free(), free()]
-    assert select_key(views, MR, cursor, NOW) == Selection(chosen, chosen + 1, None)
+    assert select_key(views, MR, cursor, NOW) == Selection(0, cursor, None)
 
 
-def test_most_remaining_tie_skips_the_cursor_when_it_has_less() -> None:
-    views = [free(0), free(3), free(0)]
-    assert select_key(views, MR, 1, NOW).chosen == 2
+def test_most_remaining_equal_keys_take_turns() -> None:
+    """Each call lowers the chosen key's calls left, so equal keys serve in turn."""
+    used = [0, 0, 0]
+    chosen = []
+    for _ in range(6):
+        views = [free(u) for u in used]
+        pick = select_key(views, MR, 0, NOW).chosen
+        assert pick is not None
+        chosen.append(pick)
+        used[pick] += 1
+    assert chosen == [0, 1, 2, 0, 1, 2]
+
+
+def test_most_remaining_tie_skips_a_key_with_less() -> None:
+    views = [free(3), free(0), free(0)]
+    assert select_key(views, MR, 0, NOW).chosen == 1
 
 
 @pytest.mark.parametrize(("cursor", "chosen"), [(0, 0), (1, 2), (2, 2), (3, 0), (4, 2)])

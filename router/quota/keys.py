@@ -20,6 +20,11 @@ DEFAULT_PREFIX = "modelscope-router"
 #   {prefix}:p:<provider>:day:<day>    a provider's day map (fields below)
 #   {prefix}:p:<provider>:disabled     key name -> "fingerprint|reason"
 #   {prefix}:clients:day:<day>         the clients day map (fields below)
+#   {prefix}:p:<provider>:epoch        bumped by every change that can free a key (reserve.lua)
+#   {prefix}:p:<provider>:pool:<day>   the pool's limit and calls left, for the fair share
+#   {prefix}:p:<provider>:ix:<day>:<keyset>:<model>    available keys for a model (a sorted set)
+#   {prefix}:p:<provider>:cool:<day>:<keyset>:<model>  cooling keys, by the end of the cooldown
+#   {prefix}:keyset:<keyset>           one key set's names, fingerprints and limits, by position
 #   {prefix}:task:<task_id>            which provider/key created an asynchronous task
 #   {prefix}:replicas                  replica id -> last heartbeat (Redis time, Unix ms)
 #   {prefix}:writeback:<token>         a local spending batch already written back (fail_open)
@@ -60,6 +65,31 @@ def disabled_key(prefix: str, provider: str) -> str:
 def clients_key(prefix: str, day: str) -> str:
     """Redis key of the clients day map (every provider's calls of the day, per client)."""
     return f"{_tag(prefix)}:clients:day:{day}"
+
+
+def epoch_key(prefix: str, provider: str) -> str:
+    """Redis key of a provider's epoch: a change that can free a key bumps it (reserve.lua)."""
+    return f"{_tag(prefix)}:p:{provider}:epoch"
+
+
+def pool_key(prefix: str, provider: str, day: str) -> str:
+    """Redis key of a provider's pool totals of a day (limit, calls left), for the fair share."""
+    return f"{_tag(prefix)}:p:{provider}:pool:{day}"
+
+
+def index_key(prefix: str, provider: str, day: str, keyset: str, model: str) -> str:
+    """Redis key of the sorted set of a key set's keys available for ``model`` today."""
+    return f"{_tag(prefix)}:p:{provider}:ix:{day}:{keyset}:{model}"
+
+
+def cooling_index_key(prefix: str, provider: str, day: str, keyset: str, model: str) -> str:
+    """Redis key of the sorted set of a key set's keys cooling for ``model``, by cooldown end."""
+    return f"{_tag(prefix)}:p:{provider}:cool:{day}:{keyset}:{model}"
+
+
+def keyset_key(prefix: str, keyset: str) -> str:
+    """Redis key of a key set: position -> "name|fingerprint|daily_limit|model_limit"."""
+    return f"{_tag(prefix)}:keyset:{keyset}"
 
 
 def task_key(prefix: str, task_id: str) -> str:

@@ -224,17 +224,17 @@ def _share_now(
 
     The share-out starts (in ``changed``) the first time the pool's remaining is below
     ``fair.below`` of its limit, and keeps that remaining (``fs``) for the rest of the day.
+    A pool with a key that has no cap is never shared out.
     """
-    pool = pool_of(views)
-    if pool is None:
-        return None
     raw = fields.get(k.SHARE_OUT_FIELD)
-    share_out = None if raw is None else int(raw)
-    if share_out is None and pool.remaining < fair.below * pool.limit:
+    if raw is not None:
+        share_out = int(raw)
+    else:
+        pool = pool_of(views)
+        if pool is None or not pool.remaining < fair.below * pool.limit:
+            return None
         share_out = pool.remaining
         changed[k.SHARE_OUT_FIELD] = str(share_out)
-    if share_out is None:
-        return None
     return fair_share(clients, fair, client, share_out, now_ms)
 
 

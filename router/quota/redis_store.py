@@ -12,6 +12,7 @@ NOSCRIPT) or a single-key command, routed and redirected (MOVED, ASK) by the Clu
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -42,6 +43,7 @@ from router.quota.types import (
     ReserveRequest,
     Settlement,
     SettleResult,
+    Strategy,
 )
 from router.quota.urls import SERVER_SCHEMES, mask_url, parse_redis_url, split_scheme
 
@@ -96,16 +98,33 @@ def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def _reserve_args(req: ReserveRequest) -> list[str | int]:
-    args: list[str | int] = [
-        req.model,
-        req.strategy.value,
-        req.now_ms,
-        req.day_end_ms,
-        len(req.keys),
-    ]
-    for spec in req.keys:
-        args += [spec.name, spec.fingerprint, _cap(spec.daily_limit), _cap(spec.model_limit)]
+class _KeySet(NamedTuple):
+    """A key set as reserve.lua reads it (KEYS[4]): stored once, named by its digest."""
+
+    keys: tuple[KeySpec, ...]  # the tuple it was made from (held, so its id stays its own)
+    strategy: Strategy
+    digest: str  # names the key set and its indexes: the entries and the strategy
+    pool_stamp: str  # the names, fingerprints and daily limits: what the pool totals depend on
+    entries: dict[Any, str]  # position -> "name|fingerprint|daily_limit|model_limit", and "n"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _keyset(keys: tuple[KeySpec, ...], strategy: Strategy) -> _KeySet:
+    entries: dict[Any, str] = {"n": str(len(keys))}
+    for i, spec in enumerate(keys):
+        limits = f"{_cap(spec.daily_limit)}{k.SEP}{_cap(spec.model_limit)}"
+        entries[str(i)] = f"{spec.name}{k.SEP}{spec.fingerprint}{k.SEP}{limits}"
+    digest = _digest("\n".join([strategy.value, *(entries[str(i)] for i in range(len(keys)))]))
+    pool = "\n".join(f"{s.name}{k.SEP}{s.fingerprint}{k.SEP}{_cap(s.daily_limit)}" for s in keys)
+    return _KeySet(keys, strategy, digest, _digest(pool), entries)
+
+
+def _reserve_args(req: ReserveRequest, pool_stamp: str) -> list[str | int]:
+    """The script's arguments: as many whatever the number of keys (the key set is in Redis)."""
+    args: list[str | int] = [req.model, req.strategy.value, req.now_ms, req.day_end_ms, pool_stamp]
     client = req.client
     if client is None:
         return [*args, "", -1, 0, 0, -1, 0]
@@ -336,6 +355,7 @@ class RedisStore:
             self._client.initialize if isinstance(self._client, RedisCluster) else None
         )
         self._prefix = prefix
+        self._keysets: dict[int, _KeySet] = {}
         self._timeout = socket_timeout
         one_server = not self._cluster and not self._sentinels
         self._deadline = socket_timeout * (1 if one_server else CALL_TIMEOUTS)
@@ -347,6 +367,7 @@ class RedisStore:
         self._settle_script = register(_lua("settle.lua"))
         self._snapshot_script = register(_lua("snapshot.lua"))
         self._disable_script = register(_lua("disable.lua"))
+        self._enable_script = register(_lua("enable.lua"))
         self._client_usage_script = register(_lua("client_usage.lua"))
         self._reset_key_script = register(_lua("reset_key.lua"))
         self._heartbeat_script = register(_lua("heartbeat.lua"))
@@ -398,14 +419,36 @@ class RedisStore:
             text += _USE_CLUSTER
         return text
 
+    def _keyset_of(self, keys: tuple[KeySpec, ...], strategy: Strategy) -> _KeySet:
+        """The key set of ``keys``, made once per tuple: the request path reuses its tuples
+        (router/pool.py), so a reserve does no work per key here either."""
+        known = self._keysets.get(id(keys))
+        if known is None or known.keys is not keys or known.strategy is not strategy:
+            if len(self._keysets) >= 10_000:  # bounded: a reload makes new tuples
+                self._keysets.clear()
+            known = self._keysets[id(keys)] = _keyset(keys, strategy)
+        return known
+
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        keys = self._keys(req.provider, req.day)
-        args = _reserve_args(req)
+        ks = self._keyset_of(req.keys, req.strategy)
+        p, provider, day = self._prefix, req.provider, req.day
+        keys = [
+            *self._keys(provider, day),
+            k.keyset_key(p, ks.digest),
+            k.index_key(p, provider, day, ks.digest, req.model),
+            k.cooling_index_key(p, provider, day, ks.digest, req.model),
+            k.epoch_key(p, provider),
+            k.pool_key(p, provider, day),
+        ]
+        args = _reserve_args(req, ks.pool_stamp)
         reply = await self._io(lambda: self._reserve_script(keys=keys, args=args))
+        if int(reply[0]) == -1:  # a key set Redis has not seen (or lost): store it, ask again
+            await self._io(lambda: self._client.hset(keys[3], mapping=ks.entries))
+            reply = await self._io(lambda: self._reserve_script(keys=keys, args=args))
         return _reserve_outcome(req, reply)
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
-        keys = self._keys(res.provider, res.day)
+        keys = [*self._keys(res.provider, res.day), k.epoch_key(self._prefix, res.provider)]
         args = _settle_args(res, settlement, now_ms)
         reply = await self._io(lambda: self._settle_script(keys=keys, args=args))
         return _settle_result(reply)
@@ -425,11 +468,11 @@ class RedisStore:
         )
 
     async def enable(self, provider: str, key: str) -> None:
-        disabled_map = k.disabled_key(self._prefix, provider)
-        await self._io(lambda: self._client.hdel(disabled_map, key))
+        maps = [k.disabled_key(self._prefix, provider), k.epoch_key(self._prefix, provider)]
+        await self._io(lambda: self._enable_script(keys=maps, args=[key]))
 
     async def disable(self, provider: str, key: str, fingerprint: str, reason: str) -> bool:
-        maps = [k.disabled_key(self._prefix, provider)]
+        maps = [k.disabled_key(self._prefix, provider), k.epoch_key(self._prefix, provider)]
         args = [key, logic.disabled_record(fingerprint, reason)]
         # one script: read and write at once
         before = await self._io(lambda: self._disable_script(keys=maps, args=args))
@@ -438,8 +481,8 @@ class RedisStore:
         return newly
 
     async def reset_key(self, provider: str, key: str, day: str) -> None:
-        day_map = k.day_key(self._prefix, provider, day)
-        await self._io(lambda: self._reset_key_script(keys=[day_map], args=[key]))
+        maps = [k.day_key(self._prefix, provider, day), k.epoch_key(self._prefix, provider)]
+        await self._io(lambda: self._reset_key_script(keys=maps, args=[key]))
 
     async def client_usage(
         self,
@@ -528,7 +571,8 @@ class RedisStore:
         # A write-back may come long after the day it counts: the maps live two days from it
         # (a day map's writes all fall within a day of its end, so that keeps yesterday
         # readable), a duration that needs no clock here.
-        args: list[str | int] = [2 * DAY_MS, 2 * DAY_MS]
+        args: list[str | int] = [2 * DAY_MS, 2 * DAY_MS, len(batch)]
+        providers = dict.fromkeys(e.provider for e in batch if e.provider is not None)
         for entry in batch:
             deltas = [(field, delta) for field, delta in entry.deltas.items() if delta]
             if entry.provider is None:
@@ -538,6 +582,7 @@ class RedisStore:
             args.append(len(deltas))
             for field, delta in deltas:
                 args += [field, delta]
+        keys += [k.epoch_key(self._prefix, provider) for provider in providers]
         reply = await self._io(lambda: self._writeback_script(keys=keys, args=args))
         return int(reply) == 1
 

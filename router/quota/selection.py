@@ -1,4 +1,17 @@
-"""Which key serves the next call: a pure function, mirrored line for line by reserve.lua."""
+"""Which key serves the next call: a pure function, the reference for reserve.lua.
+
+The memory and SQLite stores call ``select_key`` on every key. reserve.lua makes the same
+choice from an index kept in Redis (see its header), so its cost does not grow with the pool:
+
+- ``fill_first``: the first available key in config order;
+- ``round_robin``: the first available key in config order from the cursor (wrapping round);
+- ``most_remaining``: the available key with the most calls left for the model (its own and
+  the key's, whichever is smaller; a key with no cap has 2**53 minus its calls), ties to the
+  first in config order. Each call lowers the chosen key's figure, so equal keys take turns.
+
+Available: not disabled, not exhausted, under both limits and not cooling. Every strategy
+counts the same way and never passes a limit; they differ only in which key goes first.
+"""
 
 from __future__ import annotations
 
@@ -43,25 +56,27 @@ class KeyView:
         return max(active) if active else None
 
     def remaining(self) -> int:
-        key_left = INF if self.limit is None else self.limit - self.used
+        """Calls left for the model; with no cap at all, fewer for a key that served more."""
+        key_left = INF - self.used if self.limit is None else self.limit - self.used
         model_left = INF if self.model_limit is None else self.model_limit - self.model_used
         return min(key_left, model_left)
 
 
 class Selection(NamedTuple):
     chosen: int | None  # position in config order of the chosen key; None = no capacity
-    cursor: int  # the round-robin cursor to store
+    cursor: int  # the round-robin cursor to store (only round_robin moves it)
     retry_at_ms: int | None  # with no pick: the earliest end of a cooldown, else None
 
 
 def select_key(views: Sequence[KeyView], strategy: Strategy, cursor: int, now_ms: int) -> Selection:
     """Pick the key that serves the next call, or say when one may be free again."""
     n = len(views)
+    start = cursor % n if strategy is Strategy.ROUND_ROBIN and n else 0
     best: int | None = None
     best_remaining = -1
     retry_at: int | None = None
     for j in range(n):
-        i = j if strategy is Strategy.FILL_FIRST else (cursor + j) % n
+        i = (start + j) % n
         view = views[i]
         if view.disabled or view.is_exhausted():
             continue
@@ -72,11 +87,11 @@ def select_key(views: Sequence[KeyView], strategy: Strategy, cursor: int, now_ms
         if strategy is not Strategy.MOST_REMAINING:
             best = i
             break
-        # Scanning from the cursor and replacing only on strictly more breaks ties in turn.
+        # Config order, replacing only on strictly more: ties go to the first key.
         remaining = view.remaining()
         if remaining > best_remaining:
             best, best_remaining = i, remaining
     if best is None:
         return Selection(None, cursor, retry_at)
-    new_cursor = cursor if strategy is Strategy.FILL_FIRST else best + 1
+    new_cursor = best + 1 if strategy is Strategy.ROUND_ROBIN else cursor
     return Selection(best, new_cursor, None)

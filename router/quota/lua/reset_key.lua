@@ -1,6 +1,6 @@
 -- Forget a key's counters, exhaustion and cooldowns of a day. Mirrors logic.key_fields.
 --
--- KEYS[1] day map; ARGV[1] key name
+-- KEYS[1] day map, KEYS[2] the provider's epoch (bumped: the key may serve again); ARGV[1] key
 -- Fields of a key: `<kind>|<key>` or `<kind>|<key>|<model>` with kind u, m, x, c or a
 -- (router/quota/keys.py); the cursor and the fair-share fields (fs, fu|client) stay.
 -- Returns the number of fields deleted.
@@ -18,4 +18,5 @@ local deleted = 0
 for i = 1, #doomed, 1000 do
   deleted = deleted + redis.call('HDEL', day_map, unpack(doomed, i, math.min(i + 999, #doomed)))
 end
+redis.call('INCR', KEYS[2])
 return deleted

@@ -1,6 +1,7 @@
 -- Apply what upstream answered to a reserved key. Mirrors router/quota/logic.py (settle_on).
 --
--- KEYS[1] day map, KEYS[2] disabled map, KEYS[3] clients day map (one hash tag: one slot)
+-- KEYS[1] day map, KEYS[2] disabled map, KEYS[3] clients day map, KEYS[4] the provider's
+-- epoch (one hash tag: one slot)
 -- ARGV: 1 key, 2 model, 3 fingerprint, 4 day_end_ms, 5 daily_limit (-1 = no cap),
 --   6 model_limit (-1 = no cap), 7 now_ms, 8 release (0|1), 9 remaining ('' = none),
 --   10 model_remaining ('' = none), 11 exhaust ('' | key | model | ambiguous), 12 near_zero,
@@ -8,9 +9,11 @@
 --   17 disable (0|1), 18 disable reason, 19 client ('' = none), 20 free (0|1),
 --   21 fair_counted (0|1)
 -- Returns {newly_disabled (0|1), exhausted ('' | key | model)[, cooldown_until_ms]}.
+-- Anything here but a cooldown that does not end sooner bumps the epoch: reserve.lua then
+-- rebuilds its index of available keys (and its pool totals) from the day map.
 
 local MAX_BACKOFF_EXPONENT = 60 -- logic.MAX_BACKOFF_EXPONENT
-local day_map, disabled_map, clients_map = KEYS[1], KEYS[2], KEYS[3]
+local day_map, disabled_map, clients_map, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key, model, fingerprint = ARGV[1], ARGV[2], ARGV[3]
 local day_end_ms = tonumber(ARGV[4])
 local now_ms = tonumber(ARGV[7])
@@ -89,6 +92,7 @@ end
 
 -- 4. cooldown: "until_ms:strike"; repeats within max_ms double it, never past the reset
 local until_ms = nil
+local shorter = false
 if ARGV[13] ~= '' then
   local field = 'c|' .. key
   if ARGV[13] == 'model' then field = 'c|' .. key .. '|' .. model end
@@ -111,6 +115,7 @@ if ARGV[13] ~= '' then
   end
   until_ms = math.min(until_ms, day_end_ms)
   redis.call('HSET', day_map, field, fmt(until_ms) .. ':' .. fmt(strike))
+  shorter = prev_until ~= nil and until_ms < prev_until
 end
 
 -- The day map may be new here (a call settled after a flush): never leave it without expiry.
@@ -123,6 +128,11 @@ if ARGV[17] == '1' then
   local record = redis.call('HGET', disabled_map, key)
   if not record or string.match(record, '^[^|]*') ~= fingerprint then newly_disabled = 1 end
   redis.call('HSET', disabled_map, key, fingerprint .. '|' .. ARGV[18])
+end
+
+if shorter or ARGV[8] == '1' or ARGV[9] ~= '' or ARGV[10] ~= '' or ARGV[11] ~= ''
+  or ARGV[17] == '1' then
+  redis.call('INCR', epoch_key)
 end
 
 return {newly_disabled, exhausted, until_ms}
