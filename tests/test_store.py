@@ -790,6 +790,31 @@ async def test_redis_every_key_of_a_deployment_shares_one_hash_tag(
     assert len({key_slot(name.encode()) for name in names}) == 1
 
 
+async def test_redis_stores_a_key_set_once_then_reserves_in_one_round_trip(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first reserve with a key set Redis does not hold stores it (two more round trips);
+    every later one, from any replica, is one EVALSHA whatever the pool size."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    stores = [RedisStore(redis_server.url, prefix=prefix) for _ in range(2)]
+    warm = (key("w", 10),)
+    try:
+        for store in stores:  # load the script and open a connection
+            await reserve(store, request(warm))
+        trips = _RoundTrips(monkeypatch)
+        for size in (3, 500):
+            keys = tuple(key(f"k{i}", 10) for i in range(size))
+            await reserve(stores[0], request(keys))
+            assert trips.take() == 3, size  # EVALSHA (key set unknown), HSET, EVALSHA
+            for store in stores:
+                for _ in range(3):
+                    await reserve(store, request(keys))
+                assert trips.take() == 3, size
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
 def test_key_names_of_the_default_prefix() -> None:
     assert k.day_key(k.DEFAULT_PREFIX, "modelscope", "20261129") == (
         "{modelscope-router}:p:modelscope:day:20261129"
@@ -830,6 +855,7 @@ async def test_redis_every_call_is_one_round_trip(
             await store.reset_key(PROVIDER, "zzz", DAY)
             await store.snapshot(PROVIDER, keys, DAY, NOW)
             await store.disable(PROVIDER, "zzz", "fp1", "401")
+            await store.enable(PROVIDER, "zzz")
             await store.client_usage(DAY, ["alice"], {PROVIDER: FREE}, NOW)
         trips = _RoundTrips(monkeypatch)
         for _ in range(16):  # into the share-out: 20 - 15 < 0.3 * 20 on the 16th call
