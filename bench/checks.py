@@ -13,7 +13,15 @@ import aiohttp
 import redis
 
 from bench.procs import free_port
-from bench.systems import FAST, TOKENS, Simulator, chat_body, gateway_settings, start_gateway
+from bench.systems import (
+    FAST,
+    TOKENS,
+    Simulator,
+    chat_body,
+    gateway_settings,
+    pool_tokens,
+    start_gateway,
+)
 from bench.wrk import Target, run_wrk
 
 Counts = dict[str, int]
@@ -80,21 +88,30 @@ async def drive(target: Target, concurrency: int, total: int) -> int:
 
 
 async def redis_round_trips(
-    workdir: Path, redis_port: int, requests: int, connections: list[int]
+    workdir: Path, redis_port: int, requests: int, connections: list[int], keys: int = 0
 ) -> dict[str, Any]:
     """Round trips (and commands) from the gateway to Redis per proxied request.
 
     Per concurrency: a warm-up at that concurrency (the Redis pool grows to it), then the
     counters, ``requests`` requests, the counters again, with nothing in flight at either
-    reading (see ``drive``).
+    reading (see ``drive``). ``keys``: that many keys in the provider (0: the default three).
     """
-    sim = await Simulator(workdir, FAST, name="sim-roundtrips").start()
+    tag = f"-k{keys}" if keys else ""
+    sim = await Simulator(workdir, FAST, name=f"sim-roundtrips{tag}", pool_size=keys).start()
     settings = gateway_settings(
-        sim, f"redis://127.0.0.1:{redis_port}/0", port=free_port(), prefix="bench-roundtrips"
+        sim,
+        f"redis://127.0.0.1:{redis_port}/0",
+        port=free_port(),
+        prefix=f"bench-roundtrips{tag}",
+        tokens=pool_tokens(keys) if keys else TOKENS,
     )
-    gw = await start_gateway(workdir, "gw-roundtrips", settings)
+    gw = await start_gateway(workdir, f"gw-roundtrips{tag}", settings)
     counters = RedisCounters(redis_port)
-    out: dict[str, Any] = {"requests_per_run": requests, "runs": []}
+    out: dict[str, Any] = {
+        "keys": keys or len(TOKENS),
+        "requests_per_run": requests,
+        "runs": [],
+    }
     try:
         target = Target(gw.url, chat_body(False), gw.headers)
         for c in connections:
@@ -178,18 +195,41 @@ async def accounting(
     }
 
 
-async def memory(workdir: Path, redis_port: int, total: int, connections: int) -> dict[str, Any]:
-    """RSS of a Redis gateway before, at half of and after ``total`` requests."""
-    sim = await Simulator(workdir, FAST, name="sim-memory").start()
-    settings = gateway_settings(
-        sim, f"redis://127.0.0.1:{redis_port}/0", port=free_port(), prefix="bench-memory"
-    )
-    gw = await start_gateway(workdir, "gw-memory", settings)
+def _used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+async def memory(workdir: Path, total: int, connections: int, keys: int = 0) -> dict[str, Any]:
+    """RSS of a Redis gateway with ``keys`` keys (0: the default three) before, at half of and
+    after ``total`` requests; Redis ``used_memory`` alongside, on a private redis-server of its
+    own (empty at the start, so what it grows by is the gateway's)."""
+    from tests.redis_server import RedisServer  # no pytest in it: a plain helper
+
+    n_keys = keys or len(TOKENS)
+    server = RedisServer().start()
+    client = redis.Redis(port=server.port)
+    sim = gw = None
     samples: list[dict[str, Any]] = []
     try:
+        used_empty = _used_memory(client)
+        sim = await Simulator(workdir, FAST, name="sim-memory", pool_size=keys).start()
+        settings = gateway_settings(
+            sim,
+            server.url,
+            port=free_port(),
+            prefix="bench-memory",
+            tokens=pool_tokens(keys) if keys else TOKENS,
+        )
+        gw = await start_gateway(workdir, "gw-memory", settings)
         target = Target(gw.url, chat_body(False), gw.headers)
         done = 0
-        samples.append({"requests": 0, "rss_mb": gw.proc.rss_mb()[0]})
+        samples.append(
+            {
+                "requests": 0,
+                "rss_mb": gw.proc.rss_mb()[0],
+                "redis_used_memory": _used_memory(client),
+            }
+        )
         for _ in range(2):
             result = await run_wrk(
                 target,
@@ -203,22 +243,43 @@ async def memory(workdir: Path, redis_port: int, total: int, connections: int) -
                 {
                     "requests": done,
                     "rss_mb": gw.proc.rss_mb()[0],
+                    "redis_used_memory": _used_memory(client),
                     "errors": result.errors,
                     "rps": result.rps,
                 }
             )
-    finally:
         gw.proc.stop()
-        sim.stop()
+        await asyncio.sleep(0.2)  # the gateway's connections closed: what is left is data
+        used_stopped = _used_memory(client)
+        redis_keys = int(client.dbsize())
+    finally:
+        if gw is not None:
+            gw.proc.stop()
+        if sim is not None:
+            sim.stop()
+        client.close()
+        server.close()
     mid, end = samples[1]["rss_mb"], samples[2]["rss_mb"]
     growth = round(end - mid, 1)
+    used_after = samples[2]["redis_used_memory"]
     return {
         "connections": connections,
+        "keys": n_keys,
         "samples": samples,
         "rss_after_total_mb": end,
         "growth_second_half_mb": growth,
         "under_80mb": end < 80,
         "flat": growth <= max(2.0, 0.05 * mid),
+        "redis": {
+            "used_memory_empty": used_empty,
+            "used_memory_after": used_after,
+            "used_memory_gateway_stopped": used_stopped,
+            "redis_keys": redis_keys,
+            # what the pool costs Redis per key of the provider, the gateway still connected
+            "bytes_per_key": round((used_after - used_empty) / n_keys),
+            # the same without the gateway's connections (their buffers): the data alone
+            "bytes_per_key_data": round((used_stopped - used_empty) / n_keys),
+        },
     }
 
 

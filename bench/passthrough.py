@@ -67,7 +67,17 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         pass
     app = create_app(args.upstream.rstrip("/"))
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
+    # the gateway listens with a backlog of 1024 (router/serve.py): the floor too, so a burst of
+    # new connections (--slow-streams) meets the same accept queue on both
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=loop,
+        backlog=1024,
+    )
 
 
 if __name__ == "__main__":

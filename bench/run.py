@@ -1,15 +1,19 @@
-"""The benchmark of issue #5: what the gateway costs in front of the same upstream.
+"""The benchmark of issues #5 and #12: what the gateway costs in front of the same upstream.
 
     .venv/bin/python -m bench.run                 # full: 10 s per cell, 1/16/64 connections
     .venv/bin/python -m bench.run --quick         # 2 s per cell, 1/16 connections
     .venv/bin/python -m bench.run --memory        # also 100k requests for the RSS target
     .venv/bin/python -m bench.run --profile       # also a py-spy profile of the hot path
     .venv/bin/python -m bench.run --pool-sizes 2,1000   # the pool-size axis (the default)
+    .venv/bin/python -m bench.run --cluster       # also the gateway on a 3-master Redis Cluster
+    .venv/bin/python -m bench.run --slow-streams 1000   # 1000 streams open at once (the default)
 
 One process per system, all on loopback, all in front of the project's simulator: the upstream
 directly, a bare aiohttp pass-through (the floor), this gateway on Redis and on SQLite (client
-auth on), and LiteLLM's proxy and Portkey's gateway when they install. Load comes from wrk
-(one thread). Results go to bench/results/latest.json and latest.md; see bench/README.md.
+auth on; with N keys for --pool-sizes, on a Redis Cluster for --cluster), and LiteLLM's proxy
+and Portkey's gateway when they install. Load comes from wrk (one thread); --slow-streams opens
+many streams at once from aiohttp. Results go to bench/results/latest.json and latest.md; see
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from bench import alternatives, checks, report
+from bench import alternatives, checks, report, slowstreams
 from bench.procs import free_port
 from bench.systems import (
     CLIENT_KEY,
     FAST,
     MODEL,
     REALISTIC,
+    SLOW,
     TOKENS,
     Endpoint,
     Simulator,
@@ -74,6 +80,9 @@ class Options:
     out: Path
     alt_cache: Path | None
     pool_sizes: list[int]
+    slow_streams: int = 0
+    cluster: bool = False
+    memory_keys: int = 1000
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -86,6 +95,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--skip-checks", action="store_true", help="no round-trip/accounting checks")
     p.add_argument("--memory", action="store_true", help="100k requests for the RSS target")
     p.add_argument("--memory-requests", type=int, default=100_000)
+    p.add_argument(
+        "--memory-keys",
+        type=int,
+        default=1000,
+        help="keys in the provider of the --memory gateway (default 1000, issue #12)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the Redis gateway under load")
     p.add_argument(
         "--accounting-limit", type=int, help="calls per token (default 20000; quick 200)"
@@ -97,6 +112,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--pool-sizes",
         default="2,1000",
         help="keys in the provider for the gateway-redis-k<N> systems (comma list; '' for none)",
+    )
+    p.add_argument(
+        "--slow-streams",
+        type=int,
+        help="streams held open at once against a slow upstream (default 1000; --quick 100; "
+        "0: not run)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also the gateway on a local 3-master Redis Cluster (system gateway-cluster)",
     )
     a = p.parse_args(argv)
     conns = a.connections or ("1,16" if a.quick else "1,16,64")
@@ -119,6 +145,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         out=a.out,
         alt_cache=a.alt_cache,
         pool_sizes=sorted({int(n) for n in a.pool_sizes.split(",") if n.strip()}),
+        slow_streams=max(
+            0, a.slow_streams if a.slow_streams is not None else (100 if a.quick else 1000)
+        ),
+        cluster=a.cluster,
+        memory_keys=max(0, a.memory_keys),
     )
 
 
@@ -128,6 +159,10 @@ class Bench:
         self.workdir = workdir
         self.alt_root = opts.alt_cache or workdir / "alternatives"
         self.redis: Any = None
+        self.cluster: Any = None  # tests.redis_server.LocalCluster, with --cluster
+        self.cluster_url = ""
+        self.cluster_info: dict[str, Any] | str = "not run (use --cluster)"
+        self.nofile: dict[str, Any] = {}
         self.results: list[dict[str, Any]] = []
         self.ttfc: list[dict[str, Any]] = []
         self.systems: dict[str, dict[str, Any]] = {}
@@ -140,6 +175,8 @@ class Bench:
     def system_names(self) -> list[str]:
         names = list(CORE)
         names += [f"gateway-redis-k{n}" for n in self.opts.pool_sizes]
+        if self.cluster is not None:
+            names.append("gateway-cluster")
         if workers_supported():
             names.append("gateway-redis-2w")
         if not self.opts.skip_alternatives:
@@ -155,6 +192,8 @@ class Bench:
         if name.startswith("gateway-"):
             if name.startswith("gateway-redis"):
                 store = self.redis.url
+            elif name == "gateway-cluster":
+                store = self.cluster_url
             else:
                 store = f"sqlite:///{self.workdir / f'quota-{v}.db'}"
             workers = 2 if name.endswith("-2w") else None
@@ -301,6 +340,89 @@ class Bench:
             f"p99 {t['ttfc_p99_ms']:.2f} ms ({variant.name} upstream)"
         )
 
+    # -- issue #12: many slow streams at once, a Redis Cluster -------------------------------------
+
+    async def measure_slow_streams(self) -> dict[str, Any] | str:
+        """``--slow-streams N``: N streams at once to direct, pass-through and gateway in turn.
+
+        The gateway is the Redis one with the largest pool of ``--pool-sizes`` (the default
+        three keys without the axis). One system runs at a time (the others are stopped), all
+        in front of one slow simulator.
+        """
+        n = self.opts.slow_streams
+        if not n:
+            self.not_measured.append("slow streams: not run (--slow-streams 0)")
+            return "not run (--slow-streams 0)"
+        pool = max(self.opts.pool_sizes, default=0)
+        gateway = f"gateway-redis-k{pool}" if pool else "gateway-redis"
+        out: dict[str, Any] = {
+            "streams": n,
+            "upstream": SLOW.describe(),
+            "upstream_first_chunk_ms": SLOW.latency_ms,
+            "gateway": gateway,
+            "keys": pool or len(TOKENS),
+            "nofile": self.nofile,
+            "systems": {},
+        }
+        console.print(f"[bold]slow streams[/]: {n} at once, upstream {SLOW.describe()}")
+        sim = await Simulator(self.workdir, SLOW, name="sim-slow", pool_size=pool).start()
+        try:
+            for name in ("direct", "passthrough", gateway):
+                ep = await self.start(name, sim)
+                try:
+                    before = ep.proc.rss_mb()[0]
+                    target = Target(ep.url, chat_body(True), ep.headers)
+                    found = await slowstreams.open_streams(target, n, ep.proc)
+                finally:
+                    if name != "direct":
+                        ep.proc.stop()
+                out["systems"][name] = {"rss_before_mb": before, **found}
+                for r in slowstreams.ROUNDS:
+                    x = found[r]
+                    console.print(
+                        f"  {name:19} {r}: {x['completed']}/{x['streams']} completed, "
+                        f"errors {x['errors']} {escape(str(x['error_kinds'] or ''))} TTFB p50 "
+                        f"{x['ttfb_p50_ms']:.1f} ms p99 {x['ttfb_p99_ms']:.1f} ms "
+                        f"({x['wall_s']} s)"
+                    )
+                console.print(
+                    f"  {name:19} RSS {before} -> peak {found['rss_peak_mb']} MB, "
+                    f"after {found['rss_after_mb']} MB"
+                )
+        finally:
+            sim.stop()
+        return out
+
+    async def start_cluster(self) -> None:
+        """``--cluster``: 3 masters with a replica each (masters only if that fails)."""
+        from tests.redis_server import LocalCluster  # no pytest in it: a plain helper
+
+        problems = []
+        for replicas in (1, 0):
+            # the default node timeout (15 s): a master slowed down by the load on the box is
+            # not failed over in the middle of a cell
+            cluster = LocalCluster(masters=3, replicas=replicas, node_timeout_ms=15_000)
+            console.print(f"starting a Redis Cluster: 3 masters, {replicas} replica(s) each")
+            try:
+                await asyncio.to_thread(cluster.start)
+                masters = await asyncio.to_thread(cluster.masters)
+            except Exception as exc:  # reported, and tried again without replicas
+                await asyncio.to_thread(cluster.close)
+                problems.append(f"{replicas} replica(s): {exc}")
+                continue
+            self.cluster = cluster
+            self.cluster_url = cluster.url(*masters[:2])  # two masters as seeds: it finds the rest
+            self.cluster_info = {
+                "masters": 3,
+                "replicas_per_master": replicas,
+                "nodes": [n.address for n in cluster.nodes],
+                "url": self.cluster_url,
+                "problems": problems,
+            }
+            return
+        self.cluster_info = "could not start: " + "; ".join(problems)
+        self.not_measured.append(f"gateway-cluster: {self.cluster_info}")
+
     # -- checks ---------------------------------------------------------------------------------
 
     async def run_checks(self) -> dict[str, Any]:
@@ -317,6 +439,12 @@ class Bench:
             out["redis_round_trips"] = await checks.redis_round_trips(
                 self.workdir, port, 300 if o.quick else 3000, sorted(set(load))
             )
+            pool = max(o.pool_sizes, default=0)
+            if pool:  # issue #12: one round trip whatever the size of the pool
+                console.print(f"[bold]check[/]: Redis commands per request, {pool} keys")
+                out["redis_round_trips_pool"] = await checks.redis_round_trips(
+                    self.workdir, port, 300 if o.quick else 3000, sorted(set(load)), keys=pool
+                )
             out["accounting"] = []
             acct_conns = 64 if not o.quick else max(o.connections)
             for label, url in (
@@ -330,8 +458,12 @@ class Bench:
                     )
                 )
         if o.memory:
-            console.print(f"[bold]check[/]: RSS over {o.memory_requests} requests")
-            out["memory"] = await checks.memory(self.workdir, port, o.memory_requests, 16)
+            console.print(
+                f"[bold]check[/]: RSS over {o.memory_requests} requests, {o.memory_keys} keys"
+            )
+            out["memory"] = await checks.memory(
+                self.workdir, o.memory_requests, 16, keys=o.memory_keys
+            )
         else:
             out["memory"] = "not run (use --memory)"
             self.not_measured.append("RSS after 100k requests: not run (use --memory)")
@@ -377,15 +509,28 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         from tests.redis_server import RedisServer
 
+        if self.opts.slow_streams:
+            # one socket per stream in this process, two in the system (client and upstream),
+            # one in the simulator: the systems are started by this process and inherit it
+            self.nofile = slowstreams.raise_nofile(4 * self.opts.slow_streams + 1024)
+            if not self.nofile["enough"]:
+                console.print(f"[yellow]open files limit below what is wanted: {self.nofile}[/]")
         await self.install_alternatives()
         self.redis = RedisServer().start()
         try:
+            if self.opts.cluster:
+                await self.start_cluster()
             for variant in (FAST, REALISTIC):
                 modes = [m for m in self.opts.modes if MODES[m][0] is variant]
                 if modes:
                     await self.measure_variant(variant, modes)
+            slow = await self.measure_slow_streams()
             found_checks = await self.run_checks()
+            found_checks["slow_streams"] = slow
+            found_checks["cluster"] = self.cluster_info
         finally:
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.close)
             self.redis.close()
         return self.assemble(found_checks)
 
@@ -412,6 +557,10 @@ class Bench:
                 "order": "all systems up at once; each cell measured on every system in turn",
                 "gateway": "python -m router serve, 1 process, uvloop, INFO access log to a "
                 "file, client auth on, 3 pooled tokens + Bailian fallback",
+                "pool_sizes": o.pool_sizes,
+                "slow_streams": o.slow_streams,
+                "cluster": o.cluster,
+                "memory_keys": o.memory_keys if o.memory else None,
             },
             "modes": {
                 m: f"{'SSE' if s else 'JSON'} chat completion; upstream {v.describe()}"

@@ -47,6 +47,8 @@ class Variant:
 
 FAST = Variant("fast", 0, 10, 0)
 REALISTIC = Variant("realistic", 50, 10, 5)
+#: --slow-streams: the first chunk after 200 ms, then 9 more 400 ms apart (a stream open ~3.8 s)
+SLOW = Variant("slow", 200, 10, 400)
 
 
 def chat_body(stream: bool) -> dict[str, Any]:

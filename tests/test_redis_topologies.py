@@ -872,6 +872,29 @@ async def test_a_burst_beyond_max_connections_waits_its_turn_within_a_bound() ->
             await store.aclose()
 
 
+async def test_a_burst_on_a_working_server_waits_as_long_as_calls_get_answers() -> None:
+    """Thousands of reserves at once through one connection: the last waits far longer than a
+    socket timeout for its turn, but calls keep getting answers, so none is refused."""
+    keys = (KeySpec("a", "", None, None),)
+    with RedisServer() as server:
+        store = RedisStore(server.url, prefix=prefix(), socket_timeout=0.2, max_connections=1)
+        try:
+            assert isinstance(await store.reserve(request(keys)), Reservation)
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(store.reserve(request(keys)) for _ in range(3000)), return_exceptions=True
+            )
+            took = time.monotonic() - started
+            assert all(isinstance(o, Reservation) for o in outcomes), {
+                type(o).__name__ for o in outcomes
+            }
+            assert took > 0.2, took  # the burst did outlast one socket timeout
+            snapshot = await store.snapshot(PROVIDER, keys, DAY, NOW)
+            assert snapshot[0].used == 3001
+        finally:
+            await store.aclose()
+
+
 async def test_a_password_protected_server_and_a_wrong_password() -> None:
     password = f"topo-pw-{uuid.uuid4().hex}"
     keys = (KeySpec("a", "", 5, None),)

@@ -360,6 +360,7 @@ class RedisStore:
         one_server = not self._cluster and not self._sentinels
         self._deadline = socket_timeout * (1 if one_server else CALL_TIMEOUTS)
         self._in_flight = asyncio.Semaphore(max_connections)
+        self._answered = 0  # calls that got an answer: a turn's wait goes on while this moves
         # register_script: EVALSHA, and SCRIPT LOAD + EVALSHA only after a NOSCRIPT (the
         # script did not run then). A Cluster client loads it on every master.
         register = self._client.register_script
@@ -386,8 +387,9 @@ class RedisStore:
     async def _io(self, call: Callable[[], Awaitable[T]], *, command: bool = True) -> T:
         """The one boundary where Redis errors become StoreError, for every call.
 
-        Bounded: waiting for a turn (at most max_connections calls in flight) takes at most
-        one socket timeout, and the call itself at most one (one server) or CALL_TIMEOUTS of
+        Bounded: waiting for a turn (at most max_connections calls in flight, see _take_turn)
+        gives up after one socket timeout in which no call got an answer, and the call itself
+        takes at most one socket timeout (one server) or CALL_TIMEOUTS of
         them (a Cluster's topology refresh, a Sentinel's master lookup, then the command),
         whatever redis-py does inside: a call cut off at its deadline closes its connection
         (redis-py drops a connection whose reply is cancelled), so no late reply is read by
@@ -396,20 +398,36 @@ class RedisStore:
         """
         in_flight = self._in_flight
         try:
-            if in_flight.locked():
-                async with asyncio.timeout(self._timeout):
-                    await in_flight.acquire()
-            else:
-                await in_flight.acquire()  # a free turn: taken at once
+            await self._take_turn()
             try:
                 async with asyncio.timeout(self._deadline):
                     if command and self._discover is not None:
                         await self._discover()
-                    return await call()
+                    result = await call()
+                self._answered += 1
+                return result
             finally:
                 in_flight.release()
         except Exception as exc:  # every failure of the client (see above)
             raise StoreError(f"redis {self._where}: {self._describe(exc)}") from exc
+
+    async def _take_turn(self) -> None:
+        """Take one of the max_connections turns. A burst (a thousand requests arriving at
+        once) waits as long as calls keep getting answers; when none got one for a whole
+        socket timeout, Redis is stuck, and the wait ends with a TimeoutError."""
+        in_flight = self._in_flight
+        if not in_flight.locked():
+            await in_flight.acquire()  # a free turn: taken at once
+            return
+        while True:
+            answered = self._answered
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await in_flight.acquire()
+                return
+            except TimeoutError:
+                if self._answered == answered:
+                    raise
 
     def _describe(self, exc: BaseException) -> str:
         if type(exc) is TimeoutError:  # asyncio.timeout's: no text of its own
