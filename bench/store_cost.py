@@ -8,7 +8,8 @@ reserve request (a client with a fair share, ModelScope's limits) is made ``--ca
 a row, after one warm-up call that builds what the store keeps. Reported per reserve: the CPU
 time of this process (the gateway's side: argument packing, the client, the decisions of the
 memory and SQLite stores) and, for Redis, the server's own time per script
-(INFO commandstats ``usec_per_call`` of EVALSHA). Ratios are against the smallest pool of the
+(the median of its SLOWLOG durations for the EVALSHA). The sizes take turns call by call.
+Ratios are against the smallest pool of the
 same store and strategy, in the same run. Results go to bench/results/store_cost.json.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,43 +48,70 @@ CLIENT = ClientQuota("alice", None, FairShare(0.1, (("alice", 1.0), ("bob", 1.0)
 
 
 def _request(size: int, strategy: Strategy) -> ReserveRequest:
-    keys = tuple(KeySpec(f"key-{i}", "fp", 2000, 500) for i in range(size))
+    # Limits no run can reach: every call is served, on every pool size alike.
+    keys = tuple(KeySpec(f"key-{i}", "fp", 10**6, 10**6) for i in range(size))
     return ReserveRequest(
         "modelscope", "Qwen/Qwen3-8B", keys, strategy, DAY, NOW_MS, NOW_MS + 3_600_000, CLIENT
     )
 
 
-async def _measure(store: QuotaStore, req: ReserveRequest, calls: int) -> float:
-    """CPU µs of this process per reserve."""
-    assert isinstance(await store.reserve(req), Reservation)  # warm-up: builds the index
-    started = time.process_time()
+async def _interleaved(
+    stores: dict[int, QuotaStore], reqs: dict[int, ReserveRequest], calls: int
+) -> dict[int, float]:
+    """CPU µs of this process per reserve, by pool size. The sizes take turns call by call,
+    so load that comes and goes on a shared machine lands on all of them alike."""
+    cpu = dict.fromkeys(stores, 0.0)
+    for size, store in stores.items():  # warm-up: builds the index, loads the script
+        for _ in range(2):
+            assert isinstance(await store.reserve(reqs[size]), Reservation)
     for _ in range(calls):
-        assert isinstance(await store.reserve(req), Reservation)
-    return (time.process_time() - started) / calls * 1e6
+        for size, store in stores.items():
+            started = time.process_time()
+            assert isinstance(await store.reserve(reqs[size]), Reservation)
+            cpu[size] += time.process_time() - started
+    return {size: total / calls * 1e6 for size, total in cpu.items()}
+
+
+async def _redis_times(admin: Redis, prefixes: dict[int, str]) -> dict[int, float]:
+    """Redis's own µs per reserve script (median), by pool size, from its SLOWLOG."""
+    durations: dict[int, list[int]] = {size: [] for size in prefixes}
+    for entry in await admin.slowlog_get(1_000_000):
+        command = entry["command"]
+        text = command if isinstance(command, str) else command.decode()
+        for size, prefix in prefixes.items():
+            if text.startswith("EVALSHA") and f"{{{prefix}}}" in text:
+                durations[size].append(int(entry["duration"]))
+    return {size: float(statistics.median(d)) if d else 0.0 for size, d in durations.items()}
 
 
 async def run(sizes: list[int], calls: int, strategies: list[Strategy]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with RedisServer() as server, tempfile.TemporaryDirectory() as tmp:
         admin = Redis.from_url(server.url, decode_responses=True)
+        await admin.config_set("slowlog-log-slower-than", 0)  # every command, with its time
+        await admin.config_set("slowlog-max-len", 1_000_000)
         try:
             for strategy in strategies:
-                for size in sizes:
-                    req = _request(size, strategy)
-                    memory = MemoryStore()
-                    rows.append(_row("memory", strategy, size, await _measure(memory, req, calls)))
-                    await memory.aclose()
-                    sqlite = SqliteStore(str(Path(tmp) / f"{strategy.value}-{size}.db"))
-                    rows.append(_row("sqlite", strategy, size, await _measure(sqlite, req, calls)))
-                    await sqlite.aclose()
-                    redis = RedisStore(server.url, prefix=f"cost-{strategy.value}-{size}")
-                    await admin.config_resetstat()
-                    cpu = await _measure(redis, req, calls)
-                    stats = (await admin.info("commandstats")).get("cmdstat_evalsha", {})
-                    row = _row("redis", strategy, size, cpu)
-                    row["redis_us"] = float(stats.get("usec_per_call", 0.0))
-                    rows.append(row)
-                    await redis.aclose()
+                reqs = {size: _request(size, strategy) for size in sizes}
+                memory: dict[int, QuotaStore] = {size: MemoryStore() for size in sizes}
+                sqlite: dict[int, QuotaStore] = {
+                    size: SqliteStore(Path(tmp) / f"{strategy.value}-{size}.db") for size in sizes
+                }
+                prefixes = {size: f"cost-{strategy.value}-{size}" for size in sizes}
+                redis: dict[int, QuotaStore] = {
+                    size: RedisStore(server.url, prefix=prefixes[size]) for size in sizes
+                }
+                for name, stores in (("memory", memory), ("sqlite", sqlite), ("redis", redis)):
+                    await admin.slowlog_reset()
+                    cpu = await _interleaved(stores, reqs, calls)
+                    server_us = await _redis_times(admin, prefixes) if name == "redis" else {}
+                    for size in sizes:
+                        row = _row(name, strategy, size, cpu[size])
+                        if name == "redis":
+                            row["redis_us"] = server_us[size]
+                        rows.append(row)
+                    for store in stores.values():
+                        await store.aclose()
         finally:
             await admin.aclose()
     return rows

@@ -1,18 +1,21 @@
-"""reserve.lua's index of available keys decides as logic.py's scan does, over whole sequences.
+"""The indexes of available keys decide as logic.py's scan does, over whole sequences.
 
 test_lua_parity.py checks each script on a fresh state, where reserve.lua builds its index
 from the maps. Here random sequences of reserves, settles (calls given back, header syncs,
 exhaustions, cooldowns longer and shorter), disables, enables, resets and clock moves run
-on the Redis store and on the memory store (which scans every key) side by side: every
-answer must be the same, so the index kept between calls never picks another key, never
-misses one that can serve and never passes a limit.
+on the Redis store (reserve.lua), the SQLite store (sqlite_reserve.py) and the memory store
+(which scans every key) side by side: every answer must be the same, so an index kept
+between calls never picks another key, never misses one that can serve and never passes a
+limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,8 @@ from hypothesis import strategies as st
 
 from router.quota.memory_store import MemoryStore
 from router.quota.redis_store import RedisStore
+from router.quota.sqlite_store import SqliteStore
+from router.quota.store import QuotaStore
 from router.quota.types import (
     ClientQuota,
     Cooldown,
@@ -90,32 +95,50 @@ ops = st.lists(
 )
 
 
-class Pair:
-    """The Redis store and the memory store, fed the same calls on one event loop."""
+class Stores:
+    """The memory store (the reference: it scans) and the indexed stores, Redis and SQLite,
+    fed the same calls on one event loop."""
 
     def __init__(self, server: RedisServer) -> None:
         self.loop = asyncio.new_event_loop()
         self.server = server
-        self.redis: RedisStore | None = None
+        self.dir = tempfile.TemporaryDirectory()
+        self.indexed: list[QuotaStore] = []
+        self.reference = MemoryStore()
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
-    def fresh(self) -> tuple[RedisStore, MemoryStore]:
-        if self.redis is not None:
-            self.run(self.redis.aclose())
-        self.redis = RedisStore(self.server.url, prefix=f"ix-{uuid.uuid4().hex}")
-        return self.redis, MemoryStore(clock=lambda: FIXED_NOW_MS)
+    def _close(self) -> None:
+        for store in self.indexed:
+            self.run(store.aclose())
+
+    def fresh(self) -> tuple[MemoryStore, list[QuotaStore]]:
+        self._close()
+        name = uuid.uuid4().hex
+        self.indexed = [
+            RedisStore(self.server.url, prefix=f"ix-{name}"),
+            SqliteStore(Path(self.dir.name) / f"{name}.db"),
+        ]
+        return MemoryStore(clock=lambda: FIXED_NOW_MS), self.indexed
+
+    def same(self, call: Any) -> Any:
+        """``call(store)`` on every store; the answers must be equal. Returns the reference's."""
+        memory, indexed = self.reference, self.indexed
+        want = self.run(call(memory))
+        for store in indexed:
+            assert self.run(call(store)) == want, store
+        return want
 
     def close(self) -> None:
-        if self.redis is not None:
-            self.run(self.redis.aclose())
+        self._close()
         self.loop.close()
+        self.dir.cleanup()
 
 
 @pytest.fixture
-def pair(redis_server: RedisServer) -> Iterator[Pair]:
-    runner = Pair(redis_server)
+def stores(redis_server: RedisServer) -> Iterator[Stores]:
+    runner = Stores(redis_server)
     yield runner
     runner.close()
 
@@ -147,10 +170,20 @@ def _specs(
         ("reserve", "m/a", Strategy.FILL_FIRST, 0),
     ],
 )
+# A key enabled again after the index dropped it as disabled.
+@example(
+    keys=(False, [(None, None, 1), (None, None, 1)]),
+    steps=[
+        ("disable", 0, "fpA"),
+        ("reserve", "m/a", Strategy.FILL_FIRST, 0),
+        ("enable", 0),
+        ("reserve", "m/a", Strategy.FILL_FIRST, 0),
+    ],
+)
 def test_the_index_decides_as_the_scan_over_any_sequence(
-    pair: Pair, keys: tuple[bool, list[tuple[int | None, int | None, int]]], steps: list[Any]
+    stores: Stores, keys: tuple[bool, list[tuple[int | None, int | None, int]]], steps: list[Any]
 ) -> None:
-    redis, memory = pair.fresh()
+    stores.reference, _ = stores.fresh()
     specs = _specs(*keys)
     now = FIXED_NOW_MS
     reserved: list[Reservation] = []
@@ -159,47 +192,34 @@ def test_the_index_decides_as_the_scan_over_any_sequence(
         if kind == "reserve":
             _, model, strategy, who = step
             req = ReserveRequest(PROVIDER, model, specs, strategy, DAY, now, DAY_END, CLIENTS[who])
-            got, want = pair.run(redis.reserve(req)), pair.run(memory.reserve(req))
-            assert got == want, step
-            if isinstance(want, Reservation):
-                reserved.append(want)
+            got = stores.same(lambda s, req=req: s.reserve(req))
+            if isinstance(got, Reservation):
+                reserved.append(got)
         elif kind == "settle" and reserved:
-            res = reserved[step[1] % len(reserved)]
-            got = pair.run(redis.settle(res, step[2], now))
-            assert got == pair.run(memory.settle(res, step[2], now)), step
+            res, settlement = reserved[step[1] % len(reserved)], step[2]
+            stores.same(lambda s, res=res, st=settlement, now=now: s.settle(res, st, now))
         elif kind in ("disable", "enable", "reset"):
             name = specs[step[1] % len(specs)].name
             if kind == "disable":
-                got = pair.run(redis.disable(PROVIDER, name, step[2], "admin"))
-                assert got == pair.run(memory.disable(PROVIDER, name, step[2], "admin")), step
+                stores.same(lambda s, name=name, fp=step[2]: s.disable(PROVIDER, name, fp, "x"))
             elif kind == "enable":
-                pair.run(redis.enable(PROVIDER, name))
-                pair.run(memory.enable(PROVIDER, name))
+                stores.same(lambda s, name=name: s.enable(PROVIDER, name))
             else:
-                pair.run(redis.reset_key(PROVIDER, name, DAY))
-                pair.run(memory.reset_key(PROVIDER, name, DAY))
+                stores.same(lambda s, name=name: s.reset_key(PROVIDER, name, DAY))
         elif kind == "advance":
             now += step[1]
-    for model in MODELS:
-        model_specs = tuple(s for s in specs)
-        got = pair.run(redis.snapshot(PROVIDER, model_specs, DAY, now))
-        assert got == pair.run(memory.snapshot(PROVIDER, model_specs, DAY, now)), model
+    stores.same(lambda s: s.snapshot(PROVIDER, specs, DAY, now))
 
 
-def test_a_pool_is_used_to_its_last_call_in_any_order(pair: Pair) -> None:
-    """Hundreds of keys with a few calls each, spent through the index: every call of the pool
-    is served, in the scan's order, and the next one is refused."""
-    redis, memory = pair.fresh()
+def test_a_pool_is_used_to_its_last_call_in_any_order(stores: Stores) -> None:
+    """Hundreds of keys with a few calls each, spent through the indexes: every call of the
+    pool is served, in the scan's order, and the next one is refused."""
     specs = tuple(KeySpec(f"k{i}", "fpA", 1 + i % 3, None) for i in range(300))
     total = sum(s.daily_limit or 0 for s in specs)
     for strategy in Strategy:
-        redis, memory = pair.fresh()
+        stores.reference, _ = stores.fresh()
+        req = ReserveRequest(PROVIDER, "m/a", specs, strategy, DAY, FIXED_NOW_MS, DAY_END)
         served = 0
-        while True:
-            req = ReserveRequest(PROVIDER, "m/a", specs, strategy, DAY, FIXED_NOW_MS, DAY_END)
-            got = pair.run(redis.reserve(req))
-            assert got == pair.run(memory.reserve(req))
-            if not isinstance(got, Reservation):
-                break
+        while isinstance(stores.same(lambda s, req=req: s.reserve(req)), Reservation):
             served += 1
         assert served == total, strategy

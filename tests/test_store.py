@@ -17,8 +17,9 @@ from redis.crc import key_slot
 
 from router.quota import keys as k
 from router.quota.factory import open_store
+from router.quota.keysets import keyset
 from router.quota.memory_store import MemoryStore
-from router.quota.redis_store import RedisStore, _keyset
+from router.quota.redis_store import RedisStore
 from router.quota.sqlite_store import SqliteStore
 from router.quota.store import QuotaStore, StoreError
 from router.quota.types import (
@@ -760,14 +761,14 @@ async def test_redis_every_key_of_a_deployment_shares_one_hash_tag(
         await admin.aclose()
         await store.aclose()
     tag = f"{{{prefix}}}"
-    keyset = _keyset((key("a", 10),), Strategy.MOST_REMAINING).digest
+    digest = keyset((key("a", 10),), Strategy.MOST_REMAINING).digest
     index = [
-        f"{tag}:keyset:{keyset}",
+        f"{tag}:keyset:{digest}",
         *(
             f"{tag}:p:{provider}:{kind}:{day}{rest}"
             for provider in (PROVIDER, "clients")
             for day in (DAY, NEXT_DAY)
-            for kind, rest in (("ix", f":{keyset}:{MODEL}"), ("pool", ""))
+            for kind, rest in (("ix", f":{digest}:{MODEL}"), ("pool", ""))
         ),
         f"{tag}:p:{PROVIDER}:epoch",
         f"{tag}:p:clients:epoch",

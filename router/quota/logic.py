@@ -203,7 +203,7 @@ def reserve_on(
         changed[k.CURSOR_FIELD] = str(picked.cursor)
     changed_clients: dict[str, str] = {}
     if client is not None:
-        changed_clients = _count_client(clients, client, req.now_ms)
+        changed_clients = count_client(clients, client, req.now_ms)
         if fair_counted:
             field = k.fair_used_field(client.name)
             changed[field] = str(_count(fields, field) + 1)
@@ -238,7 +238,7 @@ def _share_now(
     return fair_share(clients, fair, client, share_out, now_ms)
 
 
-def _count_client(clients: Fields, client: ClientQuota, now_ms: int) -> dict[str, str]:
+def count_client(clients: Fields, client: ClientQuota, now_ms: int) -> dict[str, str]:
     used = k.client_used_field(client.name)
     changed = {used: str(_count(clients, used) + 1), k.client_seen_field(client.name): str(now_ms)}
     if client.fair_share is not None:
@@ -408,6 +408,26 @@ def settle_on(
         newly_disabled=newly_disabled,
     )
     return result, day.changed, changed_disabled, client_map.changed
+
+
+def may_free_a_key(fields: Fields, changed: Mapping[str, str], settlement: Settlement) -> bool:
+    """Whether a settle may have given a key back, or changed the pool's totals: anything but
+    a cooldown that ends no sooner than the one before. The indexes of available keys
+    (reserve.lua, sqlite_reserve.py) are rebuilt after such a change; settle.lua decides
+    the same."""
+    s = settlement
+    if s.release or s.remaining is not None or s.model_remaining is not None:
+        return True
+    if s.exhaust is not None or s.disable_reason is not None:
+        return True
+    for field, value in changed.items():
+        before = parse_cooldown(fields.get(field))
+        parsed = k.parse_field(field)
+        after = parse_cooldown(value)
+        cooling = parsed is not None and parsed.kind == k.COOLING
+        if cooling and before and after and after[0] < before[0]:  # a cooldown made shorter
+            return True
+    return False
 
 
 def key_fields(fields: Iterable[str], key: str) -> list[str]:

@@ -12,7 +12,6 @@ NOSCRIPT) or a single-key command, routed and redirected (MOVED, ASK) by the Clu
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -31,6 +30,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from router.quota import keys as k
 from router.quota import logic
 from router.quota.days import wall_clock_ms
+from router.quota.keysets import KeySets
 from router.quota.store import StoreError
 from router.quota.types import (
     ClientUsage,
@@ -43,7 +43,6 @@ from router.quota.types import (
     ReserveRequest,
     Settlement,
     SettleResult,
-    Strategy,
 )
 from router.quota.urls import SERVER_SCHEMES, mask_url, parse_redis_url, split_scheme
 
@@ -96,30 +95,6 @@ def _cap(limit: int | None) -> int:
 
 def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
-
-
-class _KeySet(NamedTuple):
-    """A key set as reserve.lua reads it (KEYS[4]): stored once, named by its digest."""
-
-    keys: tuple[KeySpec, ...]  # the tuple it was made from (held, so its id stays its own)
-    strategy: Strategy
-    digest: str  # names the key set and its indexes: the entries and the strategy
-    pool_stamp: str  # the names, fingerprints and daily limits: what the pool totals depend on
-    entries: dict[Any, str]  # position -> "name|fingerprint|daily_limit|model_limit", and "n"
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _keyset(keys: tuple[KeySpec, ...], strategy: Strategy) -> _KeySet:
-    entries: dict[Any, str] = {"n": str(len(keys))}
-    for i, spec in enumerate(keys):
-        limits = f"{_cap(spec.daily_limit)}{k.SEP}{_cap(spec.model_limit)}"
-        entries[str(i)] = f"{spec.name}{k.SEP}{spec.fingerprint}{k.SEP}{limits}"
-    digest = _digest("\n".join([strategy.value, *(entries[str(i)] for i in range(len(keys)))]))
-    pool = "\n".join(f"{s.name}{k.SEP}{s.fingerprint}{k.SEP}{_cap(s.daily_limit)}" for s in keys)
-    return _KeySet(keys, strategy, digest, _digest(pool), entries)
 
 
 def _reserve_args(req: ReserveRequest, pool_stamp: str) -> list[str | int]:
@@ -355,7 +330,7 @@ class RedisStore:
             self._client.initialize if isinstance(self._client, RedisCluster) else None
         )
         self._prefix = prefix
-        self._keysets: dict[int, _KeySet] = {}
+        self._keysets = KeySets()
         self._timeout = socket_timeout
         one_server = not self._cluster and not self._sentinels
         self._deadline = socket_timeout * (1 if one_server else CALL_TIMEOUTS)
@@ -437,18 +412,8 @@ class RedisStore:
             text += _USE_CLUSTER
         return text
 
-    def _keyset_of(self, keys: tuple[KeySpec, ...], strategy: Strategy) -> _KeySet:
-        """The key set of ``keys``, made once per tuple: the request path reuses its tuples
-        (router/pool.py), so a reserve does no work per key here either."""
-        known = self._keysets.get(id(keys))
-        if known is None or known.keys is not keys or known.strategy is not strategy:
-            if len(self._keysets) >= 10_000:  # bounded: a reload makes new tuples
-                self._keysets.clear()
-            known = self._keysets[id(keys)] = _keyset(keys, strategy)
-        return known
-
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        ks = self._keyset_of(req.keys, req.strategy)
+        ks = self._keysets.of(req.keys, req.strategy)
         p, provider, day = self._prefix, req.provider, req.day
         keys = [
             *self._keys(provider, day),

@@ -13,8 +13,9 @@ from functools import partial
 from typing import TypeVar
 
 from router.quota import keys as k
-from router.quota import logic
+from router.quota import logic, sqlite_reserve
 from router.quota.days import wall_clock_ms
+from router.quota.keysets import KeySet, KeySets
 from router.quota.store import StoreError
 from router.quota.types import (
     ClientUsage,
@@ -84,7 +85,7 @@ def _connect(path: str, busy_timeout_ms: int, retain_days: int, now_ms: int) -> 
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + sqlite_reserve.SCHEMA)
         with _immediate(conn):
             # Old days go by the newest day on record, not by a clock: the quota day comes from
             # the gateway's clock, which need not be this process's (a test's injected clock).
@@ -95,8 +96,9 @@ def _connect(path: str, busy_timeout_ms: int, retain_days: int, now_ms: int) -> 
             if newest is not None:
                 newest_day = datetime.strptime(newest, "%Y%m%d")
                 cutoff = (newest_day - timedelta(days=retain_days)).strftime("%Y%m%d")
-                conn.execute("DELETE FROM quota_day WHERE day < ?", (cutoff,))
-                conn.execute("DELETE FROM quota_client WHERE day < ?", (cutoff,))
+                for table in ("quota_day", "quota_client", *sqlite_reserve.DAY_TABLES):
+                    # The table names are this module's constants.
+                    conn.execute(f"DELETE FROM {table} WHERE day < ?", (cutoff,))  # noqa: S608
             conn.execute("DELETE FROM quota_task WHERE expires_ms <= ?", (now_ms,))
     except BaseException:
         conn.close()
@@ -145,11 +147,11 @@ def _write(
     conn.executemany(_UPSERT_CLIENT, [(day, f, v) for f, v in changed_clients.items()])
 
 
-def _reserve(conn: sqlite3.Connection, req: ReserveRequest) -> Reservation | NoCapacity:
+def _reserve(conn: sqlite3.Connection, req: ReserveRequest, ks: KeySet) -> Reservation | NoCapacity:
     with _immediate(conn):
-        fields, disabled = _load(conn, req.provider, req.day)
-        clients = {} if req.client is None else _load_clients(conn, req.day)
-        outcome, changed, changed_clients = logic.reserve_on(fields, disabled, clients, req)
+        outcome, changed, changed_clients = sqlite_reserve.reserve(
+            conn, req, ks, partial(_load, conn, req.provider, req.day)
+        )
         _write(conn, req.provider, req.day, changed, {}, changed_clients)
     return outcome
 
@@ -164,6 +166,8 @@ def _settle(
             fields, disabled, clients, res, settlement, now_ms
         )
         _write(conn, res.provider, res.day, changed, changed_disabled, changed_clients)
+        if logic.may_free_a_key(fields, changed, settlement):
+            sqlite_reserve.bump_epoch(conn, res.provider)
     return result
 
 
@@ -178,7 +182,9 @@ def _read(
 
 
 def _enable(conn: sqlite3.Connection, provider: str, key: str) -> None:
-    conn.execute("DELETE FROM quota_disabled WHERE provider = ? AND key = ?", (provider, key))
+    with _immediate(conn):
+        conn.execute("DELETE FROM quota_disabled WHERE provider = ? AND key = ?", (provider, key))
+        sqlite_reserve.bump_epoch(conn, provider)
 
 
 def _disable(conn: sqlite3.Connection, provider: str, key: str, fp: str, reason: str) -> bool:
@@ -188,6 +194,7 @@ def _disable(conn: sqlite3.Connection, provider: str, key: str, fp: str, reason:
         ).fetchone()
         newly, record = logic.disable_on({} if row is None else {key: row[0]}, key, fp, reason)
         conn.execute(_UPSERT_DISABLED, (provider, key, record))
+        sqlite_reserve.bump_epoch(conn, provider)
     return newly
 
 
@@ -201,6 +208,7 @@ def _reset_key(conn: sqlite3.Connection, provider: str, key: str, day: str) -> N
             "DELETE FROM quota_day WHERE provider = ? AND day = ? AND field = ?",
             [(provider, day, field) for field in fields],
         )
+        sqlite_reserve.bump_epoch(conn, provider)
 
 
 def _read_clients(
@@ -267,6 +275,7 @@ class SqliteStore:
             self._executor.shutdown(wait=False)
             raise StoreError(f"sqlite {self._path}: {exc}") from exc
         self._closed = False
+        self._keysets = KeySets()
 
     def __repr__(self) -> str:
         return f"SqliteStore({self._path!r})"
@@ -280,7 +289,8 @@ class SqliteStore:
             raise StoreError(f"sqlite {self._path}: {exc}") from exc
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        return await self._run(partial(_reserve, self._conn, req))
+        ks = self._keysets.of(req.keys, req.strategy)
+        return await self._run(partial(_reserve, self._conn, req, ks))
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
         return await self._run(partial(_settle, self._conn, res, settlement, now_ms))
