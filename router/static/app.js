@@ -477,7 +477,7 @@
       return;
     }
     status("");
-    $("main").focus();
+    $("main").focus({ preventScroll: true });
     timer = setTimeout(refresh, REFRESH_MS);
   }
 
