@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -74,6 +75,7 @@ KEYS += [("carol", "ms-ui-carol-3", 4), ("dave", "ms-ui-dave-4", 4)]
 BAILIAN_SECRET = "sk-ui-bailian-5"
 MODEL_LIMIT = 100
 R1 = "deepseek-ai/DeepSeek-R1-0528"
+OTHER = "moonshotai/Kimi-K2-Instruct"
 SECRETS = [TEAM_KEY, BOT_KEY, ADMIN_KEY, BAILIAN_SECRET, *(s for _, s, _ in KEYS)]
 SECRETS.append(hashlib.sha256(ADMIN_KEY.encode()).hexdigest())
 pytestmark = pytest.mark.timeout(120)  # a browser on a busy 2-core machine
@@ -207,7 +209,8 @@ async def serve_traffic(team: Team) -> None:
     assert [await team.ask() for _ in range(2)] == ["alice", "alice"]
     clock.now = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
     team.sim.faults.add("status_503", token="bob", count=1)  # bob cools down (the clock stands)
-    assert [await team.ask() for _ in range(4)] == ["alice", "alice", "alice", "carol"]
+    assert [await team.ask() for _ in range(3)] == ["alice", "alice", "alice"]
+    assert await team.ask(model=OTHER) == "carol"  # a model no alias names, no limit of its own
     assert await team.ask(BOT_KEY) == "carol"
 
 
@@ -489,6 +492,7 @@ async def check_pool(page: Page, quota: dict[str, Any], config: dict[str, Any]) 
         "modelscope|",
         f"modelscope|{MODEL}",
         f"modelscope|{R1}",
+        f"modelscope|{OTHER}",
         "bailian|",
         "bailian|qwen3-32b",
     ]
@@ -551,9 +555,7 @@ async def test_admin_view_matches_the_api_and_disables_the_next_key(
         spent, cooling = (badge(page, "modelscope", k) for k in ("alice", "bob"))
         await expect(spent).to_have_text("■ exhausted · resets in 10h 00m")
         await expect(cooling).to_have_text("◔ cooling · back in 1s")
-        colours = [
-            await b.evaluate("(e) => getComputedStyle(e).backgroundColor") for b in (spent, cooling)
-        ]
+        colours = [await colour(b) for b in (spent, cooling)]
         assert colours[0] != colours[1]
 
         # the key that would serve next (fill_first: the first usable key with quota left)
@@ -586,6 +588,8 @@ async def test_admin_view_matches_the_api_and_disables_the_next_key(
             page.locator('#keys-table tr[data-key="dave"] [data-field="used"]')
         ).to_have_text("1")
         await check_keys(page, await team.admin("/admin/quota"))
+        disabled = await colour(badge(page, "modelscope", "carol"))
+        assert len({*colours, disabled, await colour(badge(page, "modelscope", "dave"))}) == 4
         await snap(page, "ui-admin.png", tmp_path)
 
         # enable it again, and reset alice's counts, each after a confirmation
@@ -612,6 +616,11 @@ async def test_admin_view_matches_the_api_and_disables_the_next_key(
         await check_clients(page, await team.admin("/admin/clients"))
         await audit(context, page, recorder, ADMIN_KEY)
         await context.close()
+
+
+async def colour(locator: Any) -> str:
+    background: str = await locator.evaluate("(e) => getComputedStyle(e).backgroundColor")
+    return background
 
 
 def badge(page: Page, provider: str, key: str) -> Any:
@@ -700,6 +709,8 @@ async def test_keyboard_labels_contrast_and_a_phone(
         )
         await sign_in(page, team.url + "/ui/", TEAM_KEY, "member")
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+        card = page.locator('#pool-table tr[data-id="modelscope|"]')
+        assert await card.evaluate("(row) => getComputedStyle(row).display") == "block"
         assert await page.evaluate(LOW_CONTRAST) == []
         await snap(page, "ui-phone.png", tmp_path, full_page=False)
         await context.close()
@@ -828,6 +839,7 @@ async def test_page_files_headers_and_the_me_endpoint(
         # no inline script, style or handler: the CSP would block it, and nothing needs it
         assert re.findall(r"<script\b[^>]*>", html) == ['<script src="app.js" defer>']
         assert not re.search(r"<style|\sstyle=|\son[a-z]+=|javascript:", html)
+        assert not re.search(r"<input[^>]*\sname=", html)  # no field a form could submit
         # every URL relative to the page (a proxy's prefix works); the page writes text only
         assert not re.search(r"""(src|href)="/""", html)
         paths = re.findall(r"""(?:api\(|const path =)\s*["']([^"']*)""", script)
@@ -835,6 +847,9 @@ async def test_page_files_headers_and_the_me_endpoint(
         assert all(p.startswith(("api/", "../admin/")) for p in paths), paths
         for unsafe in ("innerHTML", "eval(", "localStorage", "document.cookie"):
             assert unsafe not in script
+        assert "const REFRESH_MS = 5000;" in script  # the README's "every 5 s"
+        for source in answers[:3]:  # the page's three files: nothing from elsewhere
+            assert "://" not in source
 
         async with http.get(team.url + "/ui", allow_redirects=False) as r:
             assert (r.status, r.headers["Location"]) == (308, "ui/")
@@ -864,9 +879,12 @@ async def test_page_files_headers_and_the_me_endpoint(
         assert team_me["next_reset"]["iso"] == "2026-11-30T00:00:00+08:00"
         assert team_me["base_path"] == "/v1"
         assert all(isinstance(p["keys"], int) for p in team_me["pool"])  # counts, not names
-        assert "alice" not in str(team_me)  # a member sees the pool, not its keys
+        for name, _, _ in [*KEYS, ("main", "", 0)]:  # a member sees the pool, not its keys
+            assert f'"{name}"' not in json.dumps(summaries)
         async with http.get(team.url + "/admin/quota", headers={"X-Api-Key": TEAM_KEY}) as r:
             assert r.status == 403  # the page gives a client no admin rights
+        async with http.get(team.url + "/admin/quota", headers={"X-Api-Key": ADMIN_KEY}) as r:
+            assert r.headers["Cache-Control"] == "no-store"  # the figures the page reads
         for answer in answers:
             assert all(secret not in answer for secret in SECRETS)
 
