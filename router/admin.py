@@ -62,7 +62,12 @@ def authorize(headers: Mapping[str, str], settings: Settings) -> None:
 
 
 def _json(document: Document, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")
+    return web.Response(
+        status=status,
+        body=orjson.dumps(document),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},  # live figures (the web page reads them)
+    )
 
 
 def admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Response]]:

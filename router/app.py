@@ -1,6 +1,7 @@
 """The app factory, ``create_app(settings)``: the route table, the middleware, the shared state
 (router.state) and one cleanup_ctx per resource (quota store, live runtime, SIGHUP reload),
-closed in reverse order. The handlers live in router.gateway, router.admin and router.probes.
+closed in reverse order. The handlers live in router.gateway, router.admin, router.probes and
+router.ui (the web page).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from router.state import (
     Lifecycle,
     Live,
 )
+from router.ui import add_ui_routes
 
 # STORE too: tests reach the app's quota store as router.app.STORE.
 __all__ = ["STORE", "create_app"]
@@ -104,6 +106,7 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/messages", gateway.messages)
     app.router.add_route("*", "/v1/{path:.+}", gateway.passthrough)  # allow-listed only
     add_admin_routes(app)
+    add_ui_routes(app)  # the web page at /ui/
 
 
 async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:

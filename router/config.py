@@ -62,6 +62,19 @@ class ServerSettings(_Model):
     workers: int = Field(1, ge=1, le=64)  # processes sharing the port (SO_REUSEPORT)
     shutdown_grace_seconds: float = Field(30, ge=0)  # for requests in flight at SIGTERM
     drain_seconds: float = Field(1, ge=0)  # at SIGTERM: not ready (503) this long, then close
+    # The path prefix a reverse proxy serves the gateway under ("/team-router"; "" for none).
+    # The proxy strips it; the web page shows it in the base URL to paste into a client.
+    root_path: str = ""
+
+    @field_validator("root_path")
+    @classmethod
+    def _a_path_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*", value) or "/." in value:
+            raise ValueError(
+                "a path prefix such as '/team-router': it starts with '/', does not end with "
+                "one, and holds only letters, digits and . _ ~ - (no dot segment)"
+            )
+        return value
 
 
 class StoreSettings(_Model):

@@ -97,10 +97,9 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
 async def list_models(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     runtime.auth.authenticate(request.headers)
     created = int(runtime.clock().timestamp())
-    ids = list(dict.fromkeys([*runtime.routes.aliases, *runtime.catalog.all_models()]))
     data = [
         {"id": i, "object": "model", "created": created, "owned_by": "modelscope-router"}
-        for i in ids
+        for i in runtime.model_ids()
     ]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"

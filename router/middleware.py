@@ -100,7 +100,10 @@ def _is_anthropic(path: str) -> bool:
 
 
 def _maybe_mangled(raw_path: str) -> bool:
-    """Whether ``mended_path`` could change this path (most paths need no second look)."""
+    """Whether ``mended_path`` could change this path (most paths need no second look). The web
+    page's paths are served as they come: the page's relative links need its trailing slash."""
+    if raw_path.startswith("/ui/"):
+        return False
     return "//" in raw_path or raw_path.startswith("/v1/v1") or raw_path[-1:] == "/"
 
 

@@ -70,6 +70,10 @@ class Runtime:
         """Models that may be metric labels: listed by a provider or named by an alias route."""
         return self.catalog.known | self._routed
 
+    def model_ids(self) -> list[str]:
+        """What ``GET /v1/models`` lists: the aliases, then every model a provider lists."""
+        return list(dict.fromkeys([*self.routes.aliases, *self.catalog.all_models()]))
+
     async def start(self, *, fetch_catalog: bool) -> None:
         await self.upstreams.open()
         if fetch_catalog:

@@ -166,3 +166,14 @@ def test_expand_env_leaves_other_types() -> None:
 def test_settings_require_a_provider() -> None:
     with pytest.raises(ValueError, match="providers"):
         Settings()  # type: ignore[call-arg]
+
+
+def test_root_path_is_a_path_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(write(tmp_path, MINIMAL), env={"TOKEN_A": "x"}).server.root_path == ""
+    monkeypatch.setenv("ROUTER_SERVER__ROOT_PATH", "/team/router")
+    settings = load_settings(write(tmp_path, MINIMAL), env={"TOKEN_A": "x"})
+    assert settings.server.root_path == "/team/router"
+    for bad in ("team-router", "/team-router/", "/", "/a//b", "/../admin", "/a b", "/a?b"):
+        monkeypatch.setenv("ROUTER_SERVER__ROOT_PATH", bad)
+        with pytest.raises(ConfigError, match=r"server\.root_path: .*a path prefix such as"):
+            load_settings(write(tmp_path, MINIMAL), env={"TOKEN_A": "x"})

@@ -19,6 +19,7 @@ HTTP_LAYER = frozenset(
         "router.relay",
         "router.probes",
         "router.admin",
+        "router.ui",
         "router.serve",
     }
 )
