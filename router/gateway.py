@@ -95,11 +95,11 @@ async def passthrough(request: web.Request, runtime: Runtime) -> web.StreamRespo
 
 @on_runtime
 async def list_models(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    runtime.auth.authenticate(request.headers)
+    client = runtime.auth.authenticate(request.headers)
     created = int(runtime.clock().timestamp())
     data = [
         {"id": i, "object": "model", "created": created, "owned_by": "modelscope-router"}
-        for i in runtime.model_ids()
+        for i in runtime.model_ids(client)
     ]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"

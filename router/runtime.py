@@ -70,9 +70,13 @@ class Runtime:
         """Models that may be metric labels: listed by a provider or named by an alias route."""
         return self.catalog.known | self._routed
 
-    def model_ids(self) -> list[str]:
-        """What ``GET /v1/models`` lists: the aliases, then every model a provider lists."""
-        return list(dict.fromkeys([*self.routes.aliases, *self.catalog.all_models()]))
+    def model_ids(self, client: str | None = None) -> list[str]:
+        """What ``GET /v1/models`` lists: the aliases, then every model a provider lists;
+        for a client, only those its ``models`` patterns allow."""
+        ids = dict.fromkeys([*self.routes.aliases, *self.catalog.all_models()])
+        if client is None:
+            return list(ids)
+        return [i for i in ids if self.failover.policy.allows_model(client, i)]
 
     async def start(self, *, fetch_catalog: bool) -> None:
         await self.upstreams.open()

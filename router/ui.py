@@ -131,9 +131,7 @@ async def me_document(runtime: Runtime, role: str, client: str | None, root_path
         clients = await clients_document(settings, runtime.store, now)
         usage = next(c for c in clients["clients"] if c["name"] == client)
         yesterday = clients["yesterday"]
-    models = runtime.model_ids()
-    if client is not None:
-        models = [m for m in models if runtime.failover.policy.allows_model(client, m)]
+    models = runtime.model_ids(client)
     return {
         "role": role,
         "client": usage,  # this client's entry of /admin/clients; None for the admin

@@ -145,6 +145,23 @@ async def test_allow_list_keeps_the_real_counterparts_of_allowed_models(
         assert env.spent() == spent
 
 
+async def test_models_lists_only_what_the_client_may_call(
+    sim: Simulator, gateway_clock: GatewayClock
+) -> None:
+    """GET /v1/models for a client with ``models: ["Qwen/*"]`` lists the Qwen ids only; a
+    client with no list sees every id."""
+    async with environment(sim, gateway_clock, with_clients(config_for(sim))) as env:
+        listed = {}
+        for key in (QWEN_KEY, OTHER_KEY):
+            reply = await env.send("GET", "/v1/models", key=key)
+            assert reply.status == 200, reply.body
+            listed[key] = [m["id"] for m in orjson.loads(reply.body)["data"]]
+        assert listed[QWEN_KEY], listed
+        assert all(m.startswith("Qwen/") for m in listed[QWEN_KEY]), listed[QWEN_KEY]
+        assert set(listed[QWEN_KEY]) < set(listed[OTHER_KEY])
+        assert listed[QWEN_KEY] == [m for m in listed[OTHER_KEY] if m.startswith("Qwen/")]
+
+
 # -- 2. tasks belong to their client --------------------------------------------------------
 
 
