@@ -9,7 +9,7 @@ from collections.abc import Callable, Container
 from datetime import datetime
 
 from router.config import Settings
-from router.metrics import Metrics
+from router.metrics import QUOTA_SERIES, Metrics
 from router.pool import KeyPool
 from router.quota.days import next_reset, quota_day, to_ms
 from router.quota.store import QuotaStore, StoreError
@@ -91,65 +91,53 @@ class QuotaReporter:
             return False
         self.metrics.store_up.set(1)
         self.metrics.reset_timestamp.set(reset.timestamp())
-        self._clear()
         until_reset = (reset - now).total_seconds()
+        rows: dict[str, list[tuple[tuple[str, ...], float]]] = {n: [] for n in QUOTA_SERIES}
         for provider, keys in usages.items():
-            self._report_provider(provider, keys, now.timestamp(), day, until_reset)
+            self._report_provider(rows, provider, keys, now.timestamp(), day, until_reset)
+        self.metrics.quota.replace(rows)  # keys and models that went away leave no series
         return True
 
-    def _clear(self) -> None:
-        # Keys and models come and go (reload, a new day): no stale series.
-        m = self.metrics
-        for gauge in (
-            m.quota_used,
-            m.quota_limit,
-            m.quota_remaining,
-            m.model_quota_used,
-            m.model_quota_limit,
-            m.model_quota_remaining,
-            m.key_state,
-            m.key_cooldown_until,
-        ):
-            gauge.clear()
-
     def _report_provider(
-        self, provider: str, keys: list[KeyUsage], now: float, day: str, until_reset: float
+        self,
+        rows: dict[str, list[tuple[tuple[str, ...], float]]],
+        provider: str,
+        keys: list[KeyUsage],
+        now: float,
+        day: str,
+        until_reset: float,
     ) -> None:
-        m = self.metrics
-        limits = self.settings.provider(provider).model_limits
+        config = self.settings.provider(provider)
+        limits = config.model_limits
+        defaults = {k.name: config.default_model_limit(k) for k in config.keys}
         known = self.known_models()
         for usage in keys:
-            m.quota_used.labels(provider, usage.key).set(usage.used)
+            key = (provider, usage.key)
+            rows["router_quota_used"].append((key, usage.used))
             if usage.limit is not None:
-                m.quota_limit.labels(provider, usage.key).set(usage.limit)
-                m.quota_remaining.labels(provider, usage.key).set(usage.remaining or 0)
+                rows["router_quota_limit"].append((key, usage.limit))
+                rows["router_quota_remaining"].append((key, usage.remaining or 0))
             for state in STATES:
-                m.key_state.labels(provider, usage.key, state.value).set(
-                    1 if usage.state is state else 0
+                rows["router_key_state"].append(
+                    ((*key, state.value), 1 if usage.state is state else 0)
                 )
             cooling = (
                 usage.until_ms / 1000 if usage.state is KeyState.COOLING and usage.until_ms else 0
             )
-            m.key_cooldown_until.labels(provider, usage.key).set(cooling)
-            default = self._default_model_limit(provider, usage.key)
+            rows["router_key_cooldown_until_timestamp_seconds"].append((key, cooling))
+            default = defaults.get(usage.key)
             for model in usage.models:
                 if model.model not in known:
                     continue  # bounded labels: only models the gateway knows
-                m.model_quota_used.labels(provider, usage.key, model.model).set(model.used)
+                labels = (*key, model.model)
+                rows["router_model_quota_used"].append((labels, model.used))
                 limit = limits.get(model.model, default)
                 if limit is not None:
-                    m.model_quota_limit.labels(provider, usage.key, model.model).set(limit)
-                    m.model_quota_remaining.labels(provider, usage.key, model.model).set(
-                        max(0, limit - model.used)
+                    rows["router_model_quota_limit"].append((labels, limit))
+                    rows["router_model_quota_remaining"].append(
+                        (labels, max(0, limit - model.used))
                     )
         self._forecast(provider, keys, now, day, until_reset)
-
-    def _default_model_limit(self, provider: str, key: str) -> int | None:
-        config = self.settings.provider(provider)
-        for key_config in config.keys:
-            if key_config.name == key:
-                return config.default_model_limit(key_config)
-        return None
 
     def _forecast(
         self, provider: str, keys: list[KeyUsage], now: float, day: str, until_reset: float
