@@ -140,19 +140,30 @@ def _throughput(results: list[dict[str, Any]], connections: list[int]) -> list[d
     return out
 
 
+def _added_p50(
+    results: list[dict[str, Any]], gw: str, mode: str
+) -> tuple[float, float, dict[str, Any], dict[str, Any]] | None:
+    """(p50 the gateway adds over the upstream directly, what the pass-through adds, the
+    gateway's row, the direct row) at 1 connection; None when a row is missing."""
+    base = _row(results, "direct", mode, 1)
+    floor = _row(results, "passthrough", mode, 1)
+    row = _row(results, gw, mode, 1)
+    if base is None or floor is None or row is None:
+        return None
+    added = round(row["p50_ms"] - base["p50_ms"], 3)
+    return added, floor["p50_ms"] - base["p50_ms"], row, base
+
+
 def _latency(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for mode in ("json", "stream"):
         base = _row(results, "direct", mode, 1)
         floor = _row(results, "passthrough", mode, 1)
-        if base is None or floor is None:
-            continue
-        floor_added = floor["p50_ms"] - base["p50_ms"]
         for gw in GATEWAYS:
-            row = _row(results, gw, mode, 1)
-            if row is None:
+            measured = _added_p50(results, gw, mode)
+            if measured is None or base is None or floor is None:
                 continue
-            added = round(row["p50_ms"] - base["p50_ms"], 3)
+            added, floor_added, row, _ = measured
             bound = 2 * max(floor_added, 0.0)
             out.append(
                 _gateway_target(
@@ -376,16 +387,13 @@ def _latency12(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Added p50 at 1 connection (over the upstream directly) <= 3x the pass-through's."""
     out = []
     for mode in ("json", "stream"):
-        base = _row(results, "direct", mode, 1)
-        floor = _row(results, "passthrough", mode, 1)
         for gw, label in _gateways12(results):
             name = f"added p50 {label} ({gw}), {mode} @1 conn"
-            row = _row(results, gw, mode, 1)
-            if base is None or floor is None or row is None:
+            measured = _added_p50(results, gw, mode)
+            if measured is None:
                 out.append(_missing12(name, "<= 3x pass-through's added", f"no {mode} @1 rows"))
                 continue
-            floor_added = floor["p50_ms"] - base["p50_ms"]
-            added = round(row["p50_ms"] - base["p50_ms"], 3)
+            added, floor_added, row, base = measured
             bound = 3 * max(floor_added, 0.0)
             out.append(
                 _t12(
