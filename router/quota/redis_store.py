@@ -389,20 +389,29 @@ class RedisStore:
     async def _take_turn(self) -> None:
         """Take one of the max_connections turns. A burst (a thousand requests arriving at
         once) waits as long as calls keep getting answers; when none got one for a whole
-        socket timeout, Redis is stuck, and the wait ends with a TimeoutError."""
+        socket timeout, Redis is stuck, and the wait ends with a TimeoutError. A waiter keeps
+        its place in the queue while it checks (the turns are first come, first served)."""
         in_flight = self._in_flight
         if not in_flight.locked():
             await in_flight.acquire()  # a free turn: taken at once
             return
-        while True:
-            answered = self._answered
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await in_flight.acquire()
-                return
-            except TimeoutError:
+        turn = asyncio.ensure_future(in_flight.acquire())
+        taken = False
+        try:
+            while True:
+                answered = self._answered
+                done, _ = await asyncio.wait({turn}, timeout=self._timeout)
+                if done:
+                    taken = turn.result()
+                    return
                 if self._answered == answered:
-                    raise
+                    raise TimeoutError
+        finally:
+            if not taken:
+                if not turn.done():
+                    turn.cancel()  # the semaphore passes a turn given meanwhile on
+                elif not turn.cancelled() and turn.exception() is None:
+                    in_flight.release()
 
     def _describe(self, exc: BaseException) -> str:
         if type(exc) is TimeoutError:  # asyncio.timeout's: no text of its own
