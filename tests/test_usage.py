@@ -8,18 +8,28 @@ end tests run the simulator over real HTTP, the gateway in this process and the 
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
+import anthropic as anthropic_sdk
+import openai
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.calls import Trace, parse_call
+from router.endpoints import CHAT, EMBEDDINGS, MESSAGES, passthrough
+from router.routing import Route
+from router.simulator import Simulator, sse
 from router.simulator import anthropic as sim_anthropic
-from router.simulator import sse
 from router.usage import MAX_HELD, UNKNOWN, StreamUsage, Usage, from_body
-
-MODEL = "Qwen/Qwen3-32B"
+from tests.conftest import MODEL, GatewayClock, sim_config
+from tests.support import CLIENT_KEY, gateway, gateway_config
+from tests.test_metrics import parse, scrape
 
 # -- the reader: non-stream bodies -----------------------------------------------------------
 
@@ -250,3 +260,293 @@ def test_an_event_that_never_ends_is_passed_on_not_buffered() -> None:
     for _ in range(2 * MAX_HELD // len(piece)):
         assert reader.feed(piece) == piece
     assert reader.result() is UNKNOWN
+
+
+# -- the body sent upstream ------------------------------------------------------------------
+
+
+def call_of(body: dict[str, Any], endpoint: Any = CHAT) -> Any:
+    return parse_call(orjson.dumps(body), endpoint, Trace("t", time.monotonic()))
+
+
+def sent(body: dict[str, Any], endpoint: Any = CHAT, model: str = MODEL) -> Any:
+    """What the gateway sends upstream for ``body`` on a route to ``model``, parsed."""
+    call = call_of(body, endpoint)
+    route = Route(None, model)  # type: ignore[arg-type]  # body_for reads only the model
+    return orjson.loads(call.body_for(route))
+
+
+CHAT_STREAM = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_stream_that_did_not_ask_for_usage_asks_the_upstream() -> None:
+    asked = {"include_usage": True}
+    assert sent(CHAT_STREAM) == {**CHAT_STREAM, "stream_options": asked}
+    # spliced into the client's own bytes: nothing else about them changes
+    raw = b' {"stream": true,\n "messages": [{"role": "user", "content": "hi"}], "model": "m"}'
+    call = parse_call(raw, CHAT, Trace("t", 0.0))
+    body = call.body_for(Route(None, "m"))  # type: ignore[arg-type]
+    assert body == b' {"stream_options":{"include_usage":true},' + raw[2:]
+    # renamed on the way (Bailian's names), and the client's other stream options kept
+    renamed = sent({**CHAT_STREAM, "stream_options": {"include_usage": False, "x": 1}}, model="m")
+    assert renamed["model"] == "m"
+    assert renamed["stream_options"] == {"include_usage": True, "x": 1}
+    assert sent({**CHAT_STREAM, "stream_options": None})["stream_options"] == asked
+    assert call_of(CHAT_STREAM).adds_usage
+    assert not call_of({**CHAT_STREAM, "stream_options": asked}).adds_usage
+
+
+@pytest.mark.parametrize(
+    ("body", "endpoint"),
+    [
+        ({**CHAT_STREAM, "stream_options": {"include_usage": True}}, CHAT),
+        ({**CHAT_STREAM, "stream_options": "yes"}, CHAT),  # for the upstream to judge
+        ({**CHAT_STREAM, "stream": False}, CHAT),
+        ({"model": MODEL, "input": "a", "stream": True}, EMBEDDINGS),
+        ({**CHAT_STREAM, "max_tokens": 8}, MESSAGES),
+        ({**CHAT_STREAM, "query": "q"}, passthrough("rerank")),
+    ],
+)
+def test_other_bodies_go_upstream_unchanged(body: dict[str, Any], endpoint: Any) -> None:
+    call = call_of(body, endpoint)
+    assert not call.adds_usage
+    assert call.body_for(Route(None, MODEL)) == call.raw  # type: ignore[arg-type]
+
+
+# -- end to end: the gateway, the simulator and the SDKs ------------------------------------
+
+SECRET = "ms-test-alice"
+MESSAGES_HI: Any = [{"role": "user", "content": "hello there general"}]
+
+
+@asynccontextmanager
+async def served(clock: GatewayClock) -> AsyncIterator[tuple[Simulator, str]]:
+    """The simulator, and the gateway in front of it with one ModelScope key (alice's), so an
+    answer through the gateway and one straight from the simulator are alike."""
+    async with Simulator(sim_config(100, 100), clock=clock.seconds) as sim:
+        config = gateway_config(
+            sim.modelscope_url, sim.bailian_url, tokens=[("alice", SECRET, 100)]
+        )
+        async with gateway(config, clock) as url:
+            yield sim, url
+
+
+async def tokens(url: str) -> tuple[dict[str, float], float]:
+    """router_tokens_total by kind (client team, provider modelscope, the model), and
+    router_tokens_estimated_total, from GET /metrics."""
+    status, text = await scrape(url)
+    assert status == 200
+    by_kind: dict[str, float] = {}
+    estimated = 0.0
+    for (name, labels), number in parse(text).items():
+        found = dict(labels)
+        if name == "router_tokens_total":
+            assert (found["client"], found["provider"]) == ("team", "modelscope")
+            assert found["model"] == MODEL
+            by_kind[found["kind"]] = by_kind.get(found["kind"], 0) + number
+        elif name == "router_tokens_estimated_total":
+            assert found == {"client": "team", "provider": "modelscope"}
+            estimated += number
+    return by_kind, estimated
+
+
+def kinds(usage: Usage) -> dict[str, float]:
+    return {kind: n for kind, n in usage.kinds() if n}
+
+
+def chat_usage(usage: Any) -> Usage:
+    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
+def openai_to(url: str, key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+
+
+async def test_non_stream_chat_and_embeddings_count_the_upstreams_usage(
+    gateway_clock: GatewayClock,
+) -> None:
+    async with served(gateway_clock) as (sim, url):
+        direct, through = openai_to(sim.modelscope_url, SECRET), openai_to(f"{url}/v1")
+        try:
+            chat = await through.chat.completions.create(model=MODEL, messages=MESSAGES_HI)
+            expected = await direct.chat.completions.create(model=MODEL, messages=MESSAGES_HI)
+            assert chat.usage == expected.usage  # passed on as the simulator sent it
+            assert chat.usage is not None
+            assert chat.usage.prompt_tokens == 3  # the simulator counts words
+            after_chat, _ = await tokens(url)
+            inputs = ["a b", "c d e", "f"]
+            embedded = await through.embeddings.create(model=MODEL, input=inputs)
+        finally:
+            await direct.close()
+            await through.close()
+        after_embeddings, estimated = await tokens(url)
+    assert after_chat == kinds(chat_usage(chat.usage))
+    assert embedded.usage.prompt_tokens == 6
+    assert after_embeddings == {**after_chat, "prompt": after_chat["prompt"] + 6}
+    assert estimated == 0
+
+
+def normalised(chunks: list[Any]) -> list[dict[str, Any]]:
+    """The chunks as dicts, with the stream's id made the same (each stream has its own)."""
+    return [{**c.model_dump(), "id": "chatcmpl-x"} for c in chunks]
+
+
+async def chunks_of(client: openai.AsyncOpenAI, **options: Any) -> list[Any]:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=MESSAGES_HI, stream=True, **options
+    )
+    return [chunk async for chunk in stream]
+
+
+async def test_streams_count_their_usage_and_keep_the_shape_their_client_asked_for(
+    gateway_clock: GatewayClock,
+) -> None:
+    """Without stream_options the client gets no usage chunk, exactly the chunks the simulator
+    sends such a client; with include_usage it gets the simulator's usage chunk. The gateway
+    counts the same tokens for both."""
+    asked = {"stream_options": {"include_usage": True}}
+    async with served(gateway_clock) as (sim, url):
+        direct, through = openai_to(sim.modelscope_url, SECRET), openai_to(f"{url}/v1")
+        try:
+            plain_direct = await chunks_of(direct)
+            plain = await chunks_of(through)
+            after_plain, _ = await tokens(url)
+            asked_direct = await chunks_of(direct, **asked)
+            with_usage = await chunks_of(through, **asked)
+        finally:
+            await direct.close()
+            await through.close()
+        after_both, estimated = await tokens(url)
+    assert normalised(plain) == normalised(plain_direct)
+    assert all(chunk.choices and chunk.usage is None for chunk in plain)
+    assert normalised(with_usage) == normalised(asked_direct)
+    last = with_usage[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    usage = chat_usage(last.usage)
+    assert usage.prompt == 3
+    assert usage.completion > 0
+    assert after_plain == kinds(usage)
+    assert after_both == {kind: 2 * n for kind, n in kinds(usage).items()}
+    assert estimated == 0
+
+
+async def test_a_stream_without_usage_is_passed_on_byte_for_byte(
+    gateway_clock: GatewayClock,
+) -> None:
+    """The same, on the wire: the bytes a client that did not ask for usage receives are the
+    simulator's own for such a client (ids aside)."""
+    body = {"model": MODEL, "messages": MESSAGES_HI, "stream": True}
+    async with served(gateway_clock) as (sim, url), aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+            through = await r.read()
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        async with http.post(
+            f"{sim.modelscope_url}/chat/completions", json=body, headers=headers
+        ) as r:
+            direct = await r.read()
+        counted, _ = await tokens(url)
+    assert through == direct.replace(completion_id(direct), completion_id(through))
+    assert counted["prompt"] == 3
+
+
+async def test_anthropic_usage_is_counted_with_its_cache_tokens(
+    gateway_clock: GatewayClock,
+) -> None:
+    """Through the anthropic SDK: a call that writes the prompt cache, then a stream that reads
+    it; input, output, cache writes and reads are counted as the simulator reported them."""
+    system: Any = [{"type": "text", "text": "a b c d", "cache_control": {"type": "ephemeral"}}]
+    async with served(gateway_clock) as (_, url):
+        client = anthropic_sdk.AsyncAnthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0)
+        try:
+            message = await client.messages.create(
+                model=MODEL, max_tokens=64, system=system, messages=MESSAGES_HI
+            )
+            after_message, _ = await tokens(url)
+            stream = await client.messages.create(
+                model=MODEL, max_tokens=64, system=system, messages=MESSAGES_HI, stream=True
+            )
+            events = [event async for event in stream]
+        finally:
+            await client.close()
+        after_stream, estimated = await tokens(url)
+    first = message.usage
+    assert (first.input_tokens, first.cache_creation_input_tokens) == (3, 4)
+    assert after_message == {
+        "prompt": 3,
+        "completion": first.output_tokens,
+        "cache_write": 4,
+    }
+    start = next(e for e in events if e.type == "message_start").message.usage
+    delta = next(e for e in events if e.type == "message_delta").usage
+    assert (start.input_tokens, start.cache_read_input_tokens) == (3, 4)
+    assert after_stream == {
+        "prompt": 6,
+        "completion": first.output_tokens + delta.output_tokens,
+        "cache_write": 4,
+        "cache_read": 4,
+    }
+    assert estimated == 0
+
+
+async def test_a_stream_cut_before_its_usage_is_counted_as_estimated(
+    gateway_clock: GatewayClock,
+) -> None:
+    """Cut after two chunks: the OpenAI stream had reported nothing (no tokens counted), the
+    Anthropic one its input (message_start); both are estimated. The clients see the cut as
+    for any cut (tests/test_failover.py), and nothing else."""
+    async with served(gateway_clock) as (sim, url):
+        sim.faults.add("mid_stream_cut", count=2)
+        through = openai_to(f"{url}/v1")
+        claude = anthropic_sdk.AsyncAnthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0)
+        try:
+            with pytest.raises(openai.APIError, match="the upstream stream broke"):
+                await chunks_of(through)
+            after_openai = await tokens(url)
+            stream = await claude.messages.create(
+                model=MODEL, max_tokens=64, messages=MESSAGES_HI, stream=True
+            )
+            # The gateway's error event has OpenAI's shape, which the anthropic SDK ignores:
+            # its stream just ends, without message_stop.
+            events = [event.type async for event in stream]
+        finally:
+            await through.close()
+            await claude.close()
+        after_anthropic = await tokens(url)
+    assert events == ["message_start", "content_block_start"]
+    assert after_openai == ({}, 1)
+    assert after_anthropic == ({"prompt": 3, "completion": 1}, 2)
+
+
+@pytest.mark.parametrize("fault", ["no_usage", "bad_usage"])
+async def test_missing_or_malformed_usage_never_fails_an_answer(
+    gateway_clock: GatewayClock, fault: str
+) -> None:
+    """An upstream that reports no usage (one that ignores stream_options), or a malformed one:
+    every answer is served whole, the stream ends with [DONE] and is counted as estimated,
+    and a usage chunk the client did not ask for is still taken out."""
+    async with served(gateway_clock) as (sim, url):
+        sim.faults.add(fault, count=4)
+        through = openai_to(f"{url}/v1")
+        claude = anthropic_sdk.AsyncAnthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0)
+        try:
+            chat = await through.chat.completions.create(model=MODEL, messages=MESSAGES_HI)
+            plain = await chunks_of(through)
+            message = await claude.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES_HI)
+            stream = await claude.messages.create(
+                model=MODEL, max_tokens=64, messages=MESSAGES_HI, stream=True
+            )
+            events = [event async for event in stream]
+        finally:
+            await through.close()
+            await claude.close()
+        counted, estimated = await tokens(url)
+        assert sim.faults.pending() == []
+    assert chat.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in plain).startswith("sim reply")
+    assert all(chunk.choices for chunk in plain)
+    assert message.content
+    assert events[-1].type == "message_stop"
+    assert counted == {}
+    assert estimated == 2  # the two streams
