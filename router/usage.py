@@ -29,6 +29,8 @@ USAGE_KEY = b'"usage"'
 #: A non-stream body up to this size is parsed whole; a larger one (embeddings of many inputs)
 #: only from its last ``"usage"`` key: parsing a 2 MB embeddings answer took 7 ms of CPU.
 WHOLE_BODY_BYTES = 64 * 1024
+#: Closing braces tried for the end of a large body's usage object (it has a few).
+MAX_CLOSING_BRACES = 64
 #: Bytes of one unfinished SSE line (or, when stripping, event) kept across chunks: a usage
 #: line is far shorter; a longer one is passed on (or dropped from the scan) as it is.
 MAX_HELD = 1024 * 1024
@@ -136,8 +138,8 @@ def _last_usage_object(body: bytes) -> Any:
     whole): the top-level usage, unless a later object holds a ``"usage"`` object of its own.
 
     In JSON text ``"usage"`` followed by a colon is a key: inside a string its quotes would be
-    escaped. The object's end is found by counting braces, and then parsed; a brace inside one
-    of its strings makes that fail, which gives None like any other unreadable usage.
+    escaped. The object ends at the first of its closing braces up to which it parses (a brace
+    inside one of its strings leaves it unfinished); past MAX_CLOSING_BRACES it is None.
     """
     at, start = len(body), -1
     while start < 0:
@@ -145,17 +147,16 @@ def _last_usage_object(body: bytes) -> Any:
         if at < 0:
             return None
         start = _object_after_key(body, at)
-    depth, pos = 1, start + 1
-    while depth:
-        close = body.find(b"}", pos)
+    close = start
+    for _ in range(MAX_CLOSING_BRACES):
+        close = body.find(b"}", close + 1)
         if close < 0:
             return None
-        depth += body.count(b"{", pos, close) - 1
-        pos = close + 1
-    try:
-        return orjson.loads(body[start:pos])
-    except ValueError:
-        return None
+        try:
+            return orjson.loads(body[start : close + 1])
+        except ValueError:
+            continue
+    return None
 
 
 _BLANKS = b" \t\r\n"

@@ -26,7 +26,7 @@ from router.endpoints import CHAT, EMBEDDINGS, MESSAGES, passthrough
 from router.routing import Route
 from router.simulator import Simulator, sse
 from router.simulator import anthropic as sim_anthropic
-from router.usage import MAX_HELD, UNKNOWN, StreamUsage, Usage, from_body
+from router.usage import MAX_HELD, UNKNOWN, WHOLE_BODY_BYTES, StreamUsage, Usage, from_body
 from tests.conftest import MODEL, GatewayClock, sim_config
 from tests.support import CLIENT_KEY, gateway, gateway_config
 from tests.test_metrics import parse, scrape
@@ -69,6 +69,19 @@ def test_usage_of_a_body(body: Any, anthropic: bool, expected: Usage | None) -> 
     assert from_body(orjson.dumps(body), anthropic) == expected
 
 
+def test_a_large_body_is_read_from_its_last_usage_object() -> None:
+    """Past WHOLE_BODY_BYTES only the last "usage" object is parsed: braces in its strings,
+    "usage":null later on, and escaped quotes in the content do not mislead it."""
+    usage = {"prompt_tokens": 4, "completion_tokens": 1, "note": "}{", "details": {"a": 1}}
+    content = 'he said \\"usage\\": {"prompt_tokens": 99}' + "x" * WHOLE_BODY_BYTES
+    body = {"choices": [{"message": {"content": content}}], "usage": usage, "z": {"usage": None}}
+    raw = orjson.dumps(body)
+    assert len(raw) > WHOLE_BODY_BYTES
+    assert from_body(raw) == Usage(4, 1, 5)
+    assert from_body(raw[: raw.rindex(b"}")]) == Usage(4, 1, 5)  # the body's own end is not read
+    assert from_body(raw.replace(b'"usage":{', b'"usage":[')) is None
+
+
 @pytest.mark.parametrize(
     "raw",
     [b"", b"not json", b'{"usage": {"prompt_tokens": 1}', b"[" * 5000 + b"]" * 5000, b"\xff\xfe"],
@@ -78,34 +91,31 @@ def test_unreadable_bodies_have_no_usage(raw: bytes) -> None:
     assert from_body(raw, anthropic=True) is None
 
 
+FIELDS = st.sampled_from(
+    [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "usage",
+        "x",
+    ]
+)
 JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False)
-    | st.text(max_size=8),
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(
-            st.sampled_from(
-                [
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "total_tokens",
-                    "input_tokens",
-                    "output_tokens",
-                    "cache_read_input_tokens",
-                    "cache_creation_input_tokens",
-                    "usage",
-                    "x",
-                ]
-            ),
-            inner,
-            max_size=5,
-        )
-    ),
+    | st.text(max_size=8)
+    | st.sampled_from(["}", "{", '"usage":{', "\\\\"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(FIELDS, inner, max_size=5),
     max_leaves=12,
 )
+#: Usage objects: mostly with some valid counts, among anything else.
+USAGE = JSON | st.dictionaries(FIELDS, st.integers(min_value=0, max_value=10**6) | JSON)
 
 
 def _valid(usage: Usage | None) -> bool:
@@ -116,7 +126,7 @@ def _valid(usage: Usage | None) -> bool:
 
 
 @settings(max_examples=300, deadline=None)
-@given(usage=JSON, padding=st.integers(min_value=0, max_value=1), anthropic=st.booleans())
+@given(usage=USAGE, padding=st.integers(min_value=0, max_value=1), anthropic=st.booleans())
 def test_any_usage_object_is_read_or_refused_never_raised(
     usage: Any, padding: int, anthropic: bool
 ) -> None:
