@@ -28,6 +28,7 @@ from router.simulator import (
     quota_day,
     run_simulator,
 )
+from router.simulator.app import ragged
 from router.simulator.faults import Faults
 from router.simulator.sse import BAD_USAGE
 
@@ -1024,3 +1025,24 @@ async def test_usage_faults(sim: Simulator, http: aiohttp.ClientSession, kind: s
     assert answer.get("usage") == expected
     assert sim.state.stats("modelscope")["calls"] == 4
     assert sim.faults.pending() == []
+
+
+async def test_ragged_sse(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """CRLF line ends, every event in two writes, and no blank line after the last one."""
+    sim.faults.add("ragged_sse")
+    url = f"{sim.modelscope_url}/chat/completions"
+    pieces: list[bytes] = []
+    async with http.post(url, json=chat_body(stream=True), headers=auth("ms-alice")) as resp:
+        assert resp.status == 200
+        async for piece in resp.content.iter_any():
+            pieces.append(piece)
+    text = b"".join(pieces)
+    assert text.endswith(b"\r\n\r\ndata: [DONE]\r\n")
+    assert b"\n" not in text.replace(b"\r\n", b"")
+    assert len(pieces) > 1  # written in 16 halves, 5 ms apart (the reader may join some)
+    events = parse_sse(text.replace(b"\r\n", b"\n").decode() + "\n")
+    assert events[-1] == "[DONE]"
+    assert len(events) == 8
+    assert sim.state.stats("modelscope")["calls"] == 1
+    halves = ragged([b"data: 1\n\n", b"data: [DONE]\n\n"])
+    assert halves == [b"data:", b" 1\r\n\r\n", b"data: [", b"DONE]\r\n"]

@@ -210,6 +210,19 @@ def test_the_usage_chunk_asked_for_the_client_is_taken_out_wherever_the_stream_i
         assert reader.result() == USAGE_7_4
 
 
+@pytest.mark.parametrize("crlf", [False, True])
+def test_each_event_is_passed_on_as_soon_as_it_is_complete(crlf: bool) -> None:
+    """Taking the usage chunk out holds back no more than an unfinished event: fed event by
+    event, every event but the usage chunk comes out of its own feed."""
+    events = sse.stream_events(MODEL, 1, "one two three four", None, 5, 7, True)
+    if crlf:
+        events = [event.replace(b"\n", b"\r\n") for event in events]
+    reader = StreamUsage(strip=True)
+    passed = [reader.feed(event) for event in events]
+    assert passed == [b"" if b'"usage"' in event else event for event in events]
+    assert reader.flush() == b""
+
+
 def test_anthropic_usage_merges_message_start_and_message_delta() -> None:
     data = anthropic_stream()
     for pieces in cuts_of(data):
@@ -459,6 +472,37 @@ async def test_a_stream_without_usage_is_passed_on_byte_for_byte(
         counted, _ = await tokens(url)
     assert through == direct.replace(completion_id(direct), completion_id(through))
     assert counted["prompt"] == 3
+
+
+async def test_ragged_streams_through_the_gateway(gateway_clock: GatewayClock) -> None:
+    """CRLF line ends, events arriving in halves, the last one without its blank line (the
+    simulator's ragged_sse): the client that did not ask for usage still gets the simulator's
+    bytes for it, the one that asked gets the usage chunk, and the usage is read from both."""
+    body = {"model": MODEL, "messages": MESSAGES_HI, "stream": True}
+    asked = {**body, "stream_options": {"include_usage": True}}
+    received: dict[str, bytes] = {}
+    async with served(gateway_clock) as (sim, url), aiohttp.ClientSession() as http:
+        sim.faults.add("ragged_sse", count=4)
+        for name, sent_body in (("plain", body), ("asked", asked)):
+            for where, address, key in (
+                ("through", f"{url}/v1", CLIENT_KEY),
+                ("direct", sim.modelscope_url, SECRET),
+            ):
+                headers = {"Authorization": f"Bearer {key}"}
+                async with http.post(
+                    f"{address}/chat/completions", json=sent_body, headers=headers
+                ) as response:
+                    assert response.status == 200
+                    received[f"{name} {where}"] = await response.read()
+        counted, estimated = await tokens(url)
+    for name in ("plain", "asked"):
+        through, direct = received[f"{name} through"], received[f"{name} direct"]
+        assert through.endswith(b"data: [DONE]\r\n")  # a clean end, no error event
+        assert through == direct.replace(completion_id(direct), completion_id(through))
+    assert b'"usage"' not in received["plain through"]
+    assert b'"usage"' in received["asked through"]
+    assert counted["prompt"] == 2 * 3
+    assert estimated == 0
 
 
 async def test_anthropic_usage_is_counted_with_its_cache_tokens(

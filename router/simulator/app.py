@@ -224,7 +224,7 @@ async def fault_non_json(call: Call, rule: FaultRule) -> web.StreamResponse | No
 
 
 async def fault_passthrough(call: Call, rule: FaultRule) -> web.StreamResponse | None:
-    return None  # mid_stream_cut, big_body*, *_usage: acted on by the answer writers
+    return None  # mid_stream_cut, big_body*, *_usage, ragged_sse: acted on by the answer writers
 
 
 FaultAction = Callable[[Call, FaultRule], Awaitable[web.StreamResponse | None]]
@@ -247,6 +247,7 @@ FAULT_ACTIONS: dict[str, FaultAction] = {
     "big_body_chunked": fault_passthrough,
     "no_usage": fault_passthrough,
     "bad_usage": fault_passthrough,
+    "ragged_sse": fault_passthrough,
 }
 
 
@@ -396,6 +397,18 @@ async def send_padded(call: Call, payload: dict[str, Any], size: int) -> web.Str
     return response
 
 
+#: Between the two halves of an event of a ragged_sse stream: they reach the client apart.
+RAGGED_PAUSE_S = 0.005
+
+
+def ragged(events: list[bytes]) -> list[bytes]:
+    """A ragged_sse fault's writes: CRLF line ends, each event cut in two in its middle, and
+    the last event without the blank line that ends it."""
+    crlf = [event.replace(b"\n", b"\r\n") for event in events]
+    crlf[-1] = crlf[-1].removesuffix(b"\r\n")
+    return [half for event in crlf for half in (event[: len(event) // 2], event[len(event) // 2 :])]
+
+
 async def send_events(call: Call, events: list[bytes]) -> web.StreamResponse:
     response = web.StreamResponse(
         status=200,
@@ -403,6 +416,8 @@ async def send_events(call: Call, events: list[bytes]) -> web.StreamResponse:
     )
     await response.prepare(call.request)
     delay = call.ctx.state.config.stream_chunk_delay_ms / 1000
+    if call.fault is not None and call.fault.kind == "ragged_sse":
+        events, delay = ragged(events), max(delay, RAGGED_PAUSE_S)
     for i, event in enumerate(events):
         if call.cut and i == 2:
             drop_connection(call.request)

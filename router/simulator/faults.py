@@ -26,6 +26,9 @@ Kinds (``<arg>`` after a colon):
                                          when asked (an upstream ignoring stream_options)
   bad_usage                           -- a real answer (counted) whose usage is malformed
                                          (sse.BAD_USAGE: no field holds a token count)
+  ragged_sse                          -- a real stream (counted) with CRLF line ends, each
+                                         event written in two halves 5 ms apart, and the
+                                         last event without the blank line that ends it
 """
 
 from __future__ import annotations
@@ -56,10 +59,19 @@ FAULT_KINDS: dict[str, str] = {
     "big_body_chunked": "bytes",
     "no_usage": "",
     "bad_usage": "",
+    "ragged_sse": "",
 }
 # Kinds whose answer is a real, counted answer.
 COUNTED_KINDS = frozenset(
-    {"mid_stream_cut", "latency", "big_body", "big_body_chunked", "no_usage", "bad_usage"}
+    {
+        "mid_stream_cut",
+        "latency",
+        "big_body",
+        "big_body_chunked",
+        "no_usage",
+        "bad_usage",
+        "ragged_sse",
+    }
 )
 
 
