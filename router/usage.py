@@ -19,6 +19,7 @@ Nothing here raises on what an upstream sends: a usage that is missing or malfor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,11 @@ def from_body(body: bytes, anthropic: bool = False) -> Usage | None:
     return anthropic_usage(raw) if anthropic else openai_usage(raw)
 
 
+#: A ``"usage"`` key with an object for its value (not the null some upstreams put in every
+#: chunk): looked for only in bytes that hold ``"usage"``.
+_USAGE_OBJECT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
+
+
 def _last_usage_object(body: bytes) -> Any:
     """The object of the body's last ``"usage"`` key that has one (a large body is not parsed
     whole): the top-level usage, unless a later object holds a ``"usage"`` object of its own.
@@ -141,13 +147,15 @@ def _last_usage_object(body: bytes) -> Any:
     escaped. The object ends at the first of its closing braces up to which it parses (a brace
     inside one of its strings leaves it unfinished); past MAX_CLOSING_BRACES it is None.
     """
-    at, start = len(body), -1
-    while start < 0:
+    at = len(body)
+    while True:
         at = body.rfind(USAGE_KEY, 0, at)
         if at < 0:
             return None
-        start = _object_after_key(body, at)
-    close = start
+        key = _USAGE_OBJECT.match(body, at)
+        if key is not None:
+            break
+    start = close = key.end() - 1  # the object's "{"
     for _ in range(MAX_CLOSING_BRACES):
         close = body.find(b"}", close + 1)
         if close < 0:
@@ -157,32 +165,6 @@ def _last_usage_object(body: bytes) -> Any:
         except ValueError:
             continue
     return None
-
-
-_BLANKS = b" \t\r\n"
-
-
-def _object_after_key(text: bytes, at: int) -> int:
-    """Where the object that the ``"usage"`` key at ``at`` names begins; -1 when its value is
-    no object (``"usage": null``, as some upstreams put in every chunk)."""
-    rest = text[at + len(USAGE_KEY) : at + len(USAGE_KEY) + 32]
-    after_colon = rest.lstrip(_BLANKS)
-    if after_colon[:1] != b":":
-        return -1
-    value = after_colon[1:].lstrip(_BLANKS)
-    if value[:1] != b"{":
-        return -1
-    return at + len(USAGE_KEY) + len(rest) - len(value)
-
-
-def _names_an_object(line: bytes) -> bool:
-    """Whether some ``"usage"`` key in ``line`` has an object for its value."""
-    at = line.find(USAGE_KEY)
-    while at >= 0:
-        if _object_after_key(line, at) >= 0:
-            return True
-        at = line.find(USAGE_KEY, at + len(USAGE_KEY))
-    return False
 
 
 def _last_boundary(data: bytes) -> int:
@@ -205,10 +187,11 @@ class StreamUsage:
     """The usage of one SSE stream, read from the chunks as they pass (``feed``).
 
     Only a line that holds ``"usage"`` with an object for its value is parsed, so the cost of
-    a chunk is a couple of byte searches. A line split across chunks is kept until its end
-    arrives. With ``strip``, an OpenAI chunk that carries usage and no choices is taken out of
-    the stream: the bytes of an unfinished event are held back until the event is complete
-    (an SSE client cannot use half an event anyway), so that chunk can be dropped whole.
+    most chunks is a byte search or two (bench/usage_scan.py measures it). A line split across
+    chunks is kept until its end arrives. With ``strip``, an OpenAI chunk that carries usage
+    and no choices is taken out of the stream: the bytes of an unfinished event are held back
+    until the event is complete (an SSE client cannot use half an event anyway), so that chunk
+    can be dropped whole.
     """
 
     __slots__ = ("_anthropic", "_counts", "_done", "_held", "_openai", "_strip")
@@ -225,6 +208,10 @@ class StreamUsage:
         """The bytes of ``chunk`` to pass on (all of them unless stripping)."""
         if self._strip:
             return self._feed_stripping(chunk)
+        if not self._held and chunk.endswith(b"\n"):  # whole lines: the common case
+            if USAGE_KEY in chunk:
+                self._read(chunk)
+            return chunk
         end = chunk.rfind(b"\n") + 1
         if not end:  # a line longer than MAX_HELD is no usage line: its rest is not read
             held = len(self._held) + len(chunk)
@@ -240,16 +227,21 @@ class StreamUsage:
         return chunk
 
     def _feed_stripping(self, chunk: bytes) -> bytes:
-        data = self._held + chunk if self._held else chunk
-        cut = _last_boundary(data)
-        if not cut:
-            if len(data) > MAX_HELD:  # no event ends here: pass it on as it is
-                self._held = b""
-                return data
-            self._held = data
-            return b""
-        region, self._held = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
-        return self._without_usage_chunk(region) if USAGE_KEY in region else region
+        if not self._held and (chunk.endswith(b"\n\n") or chunk.endswith(b"\n\r\n")):
+            region = chunk  # whole events: the common case
+        else:
+            data = self._held + chunk if self._held else chunk
+            cut = _last_boundary(data)
+            if not cut:
+                if len(data) > MAX_HELD:  # no event ends here: pass it on as it is
+                    self._held = b""
+                    return data
+                self._held = data
+                return b""
+            region, self._held = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
+        if USAGE_KEY in region and _USAGE_OBJECT.search(region):
+            return self._without_usage_chunk(region)
+        return region
 
     def flush(self) -> bytes:
         """At the stream's clean end: what is still held back, to pass on."""
@@ -286,9 +278,11 @@ class StreamUsage:
     def _read(self, lines: bytes) -> bool:
         """Read the usage of every ``data:`` line in ``lines``; whether one was a usage-only
         OpenAI chunk."""
+        if _USAGE_OBJECT.search(lines) is None:
+            return False
         usage_only = False
         for line in lines.split(b"\n"):
-            if line.startswith(b"data:") and _names_an_object(line):
+            if line.startswith(b"data:") and _USAGE_OBJECT.search(line):
                 usage_only |= self._read_data(line[5:])
         return usage_only
 
