@@ -212,14 +212,19 @@ def test_the_usage_chunk_asked_for_the_client_is_taken_out_wherever_the_stream_i
 
 @pytest.mark.parametrize("crlf", [False, True])
 def test_each_event_is_passed_on_as_soon_as_it_is_complete(crlf: bool) -> None:
-    """Taking the usage chunk out holds back no more than an unfinished event: fed event by
-    event, every event but the usage chunk comes out of its own feed."""
+    """Taking the usage chunk out holds back no more than an unfinished event: every event but
+    the usage chunk comes out of the feed that completes it."""
     events = sse.stream_events(MODEL, 1, "one two three four", None, 5, 7, True)
     if crlf:
         events = [event.replace(b"\n", b"\r\n") for event in events]
+    expected = [b"" if b'"usage"' in event else event for event in events]
     reader = StreamUsage(strip=True)
-    passed = [reader.feed(event) for event in events]
-    assert passed == [b"" if b'"usage"' in event else event for event in events]
+    assert [reader.feed(event) for event in events] == expected
+    assert reader.flush() == b""
+    # each event in two halves: the second brings the whole event out
+    reader = StreamUsage(strip=True)
+    halves = [(reader.feed(e[: len(e) // 2]), reader.feed(e[len(e) // 2 :])) for e in events]
+    assert halves == [(b"", event) for event in expected]
     assert reader.flush() == b""
 
 
