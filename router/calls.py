@@ -17,6 +17,7 @@ import orjson
 from router.endpoints import Endpoint
 from router.errors import BadRequest
 from router.routing import Route
+from router.usage import Usage
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -41,6 +42,9 @@ class Trace:
     attempts: int = 0
     upstream_s: float = 0.0  # waiting on upstreams
     client_s: float = 0.0  # waiting on the client to take a stream
+    # The tokens the answer reported (router.usage), None when it reported none: counted in
+    # the metrics; the seam where a later step stores them per quota day.
+    usage: Usage | None = None
 
 
 @dataclass(slots=True)
@@ -54,14 +58,29 @@ class Call:
     raw: bytes
     trace: Trace
     headers: Mapping[str, str]  # the client's, read only for an endpoint's forward_headers
+    # The gateway asks the upstream for the stream's usage the client did not ask for (and
+    # the relay takes that chunk out of the client's stream).
+    adds_usage: bool = False
 
     @property
     def request_id(self) -> str:
         return self.trace.request_id
 
     def body_for(self, route: Route) -> bytes:
-        """The client's body, unchanged but for ``model``."""
-        if route.model == self.model or not self.model:
+        """The client's body, unchanged but for ``model`` and, when the gateway asks for the
+        stream's usage, ``stream_options.include_usage``."""
+        renamed = route.model != self.model and bool(self.model)
+        if self.adds_usage:
+            options = self.payload.get("stream_options")
+            if not renamed and "stream_options" not in self.payload:
+                # The common case: the body's bytes with one member spliced in after its "{".
+                at = self.raw.index(b"{") + 1
+                return self.raw[:at] + _INCLUDE_USAGE + self.raw[at:]
+            changed = {**self.payload, "stream_options": {**(options or {}), "include_usage": True}}
+            if renamed:
+                changed["model"] = route.model
+            return orjson.dumps(changed)
+        if not renamed:
             return self.raw
         return orjson.dumps({**self.payload, "model": route.model})
 
@@ -95,7 +114,21 @@ def parse_call(
         stream = False
     elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
-    return Call(endpoint, model, stream, payload, raw, trace, headers or {})
+    adds_usage = stream and endpoint.asks_stream_usage and _usage_not_asked(payload)
+    return Call(endpoint, model, stream, payload, raw, trace, headers or {}, adds_usage)
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def _usage_not_asked(payload: dict[str, Any]) -> bool:
+    """Whether a stream's body does not ask for its usage, so the gateway may: no
+    ``stream_options``, or one without ``include_usage: true`` (one that is not an object is
+    left for the upstream to judge)."""
+    options = payload.get("stream_options")
+    if options is None:
+        return True
+    return isinstance(options, dict) and options.get("include_usage") is not True
 
 
 # The bytes of the key "model" (a second one is looked for), and a JSON escape of one of its

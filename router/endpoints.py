@@ -21,6 +21,10 @@ class Endpoint:
     forward_headers: tuple[str, ...] = ()  # harmless client headers the upstream needs
     modelscope_only: bool = False
     passthrough: bool = False  # only at providers that list it in ``passthrough``
+    reads_usage: bool = False  # token usage is read from its answers (router.usage)
+    # A stream whose client did not ask for usage asks the upstream for it (OpenAI's
+    # stream_options.include_usage); the relay takes the extra chunk out again.
+    asks_stream_usage: bool = False
 
     def url(self, provider: ProviderConfig) -> str | None:
         """Where this endpoint lives at ``provider``; None when the provider does not serve it."""
@@ -46,8 +50,14 @@ class Endpoint:
             raise BadRequest("'prompt' is required: a string.", param="prompt")
 
 
-CHAT = Endpoint("chat/completions", streams=True, needs="messages")
-EMBEDDINGS = Endpoint("embeddings", needs="input")
+CHAT = Endpoint(
+    "chat/completions",
+    streams=True,
+    needs="messages",
+    reads_usage=True,
+    asks_stream_usage=True,
+)
+EMBEDDINGS = Endpoint("embeddings", needs="input", reads_usage=True)
 IMAGES = Endpoint(
     "images/generations",
     needs="prompt",
@@ -61,6 +71,7 @@ MESSAGES = Endpoint(
     needs="messages",
     anthropic=True,
     forward_headers=("anthropic-version", "anthropic-beta"),
+    reads_usage=True,
 )
 
 

@@ -39,6 +39,7 @@ from router.relay import relay_stream
 from router.runtime import Runtime
 from router.state import LIFECYCLE, LIVE
 from router.upstream import TransportError
+from router.usage import StreamUsage, Usage, from_body
 
 log = logging.getLogger("router.gateway")
 access_log = logging.getLogger("router.access")
@@ -167,10 +168,17 @@ async def _answer(
         "x-router-provider": res.provider,
         "x-router-key": res.key,
     }
+    endpoint = call.endpoint
     if reply.first_chunk is not None:
-        done = call.endpoint.done_marker
-        return await relay_stream(request, reply, headers, done, call.trace, runtime.metrics)
+        usage = None
+        if endpoint.reads_usage:
+            usage = StreamUsage(anthropic=endpoint.anthropic, strip=call.adds_usage)
+        done = endpoint.done_marker
+        trace, metrics = call.trace, runtime.metrics
+        return await relay_stream(request, reply, headers, done, trace, metrics, usage)
     reply.close()
+    if endpoint.reads_usage and reply.status == 200:
+        call.trace.usage = from_body(reply.body or b"", endpoint.anthropic)
     if call.endpoint is IMAGES and reply.status == 200:
         await _remember_task(runtime.store, reply.body or b"", res, call.trace.client)
     headers["Content-Type"] = reply.response.headers.get("Content-Type", "application/json")
@@ -185,6 +193,8 @@ def _record(metrics: Metrics, trace: Trace) -> None:
     metrics.requests.labels(trace.client, trace.model, trace.provider, str(trace.status)).inc()
     metrics.request_duration.labels(trace.provider).observe(total)
     metrics.overhead.observe(overhead)
+    if trace.usage is not None:
+        _record_tokens(metrics, trace, trace.usage)
     access_log.info(
         "%s %s %s -> %s/%s attempts=%d upstream=%.1fms total=%.1fms",
         trace.status,
@@ -208,6 +218,15 @@ def _record(metrics: Metrics, trace: Trace) -> None:
             "total_ms": round(total * 1000, 2),
         },
     )
+
+
+def _record_tokens(metrics: Metrics, trace: Trace, usage: Usage) -> None:
+    """The answer's tokens, once per request, by kind; a stream whose usage was incomplete."""
+    for kind, tokens in usage.kinds():
+        if tokens:
+            metrics.tokens.labels(trace.client, trace.provider, trace.model, kind).inc(tokens)
+    if usage.estimated:
+        metrics.tokens_estimated.labels(trace.client, trace.provider).inc()
 
 
 # -- image tasks: created by a call, polled at the key that created them ---------------------

@@ -135,6 +135,20 @@ class Metrics:
         self.inflight = Gauge(
             "router_inflight_requests", "Requests being handled.", registry=registry
         )
+        self.tokens = Counter(
+            "router_tokens",
+            "Tokens the upstreams reported, by client, provider, model (alias or upstream id) "
+            "and kind: prompt, completion, cache_read, cache_write (disjoint).",
+            ["client", "provider", "model", "kind"],
+            registry=registry,
+        )
+        self.tokens_estimated = Counter(
+            "router_tokens_estimated",
+            "Streams whose usage was incomplete (they ended before the upstream reported it): "
+            "only the tokens they had reported were counted.",
+            ["client", "provider"],
+            registry=registry,
+        )
         self.stream_aborts = Counter(
             "router_stream_aborts",
             "Streams that ended early: side=client (went away) or upstream (broke).",

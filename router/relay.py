@@ -2,7 +2,9 @@
 A stream that breaks after its first byte (the upstream cut it, or it ended without the
 endpoint's done marker) ends with an SSE error event, never a clean ``[DONE]``; a stream cut at
 the end of the shutdown grace says so. Time spent waiting on the client and on the upstream is
-added to the request's trace, aborts to the metrics.
+added to the request's trace, aborts to the metrics. Given a ``StreamUsage``, the chunks pass
+through it: the stream's token usage is read on the way (and put on the trace however the
+stream ends), and the usage chunk the gateway asked for on the client's behalf is taken out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from router.calls import Trace
 from router.errors import sse_error_event
 from router.metrics import Metrics
 from router.upstream import UpstreamReply
+from router.usage import StreamUsage
 
 log = logging.getLogger("router.relay")
 
@@ -32,6 +35,7 @@ async def relay_stream(
     done_marker: bytes,
     trace: Trace,
     metrics: Metrics,
+    usage: StreamUsage | None = None,
 ) -> web.StreamResponse:
     """Pass chunks on as they arrive; a stream that breaks ends with an error event."""
     response = web.StreamResponse(status=200, headers=headers)
@@ -46,7 +50,7 @@ async def relay_stream(
             # "incomplete body" 400 (recorded as a 500) it ended as in the middleware.
             metrics.stream_aborts.labels("client").inc()
             return response
-        await _pump(response, reply, done_marker, trace, metrics)
+        await _pump(response, reply, done_marker, trace, metrics, usage)
         return response
     except asyncio.CancelledError:
         # Cut at the end of the shutdown grace (router.serve): the client is told, like
@@ -57,6 +61,8 @@ async def relay_stream(
         raise
     finally:
         reply.close()
+        if usage is not None:
+            trace.usage = usage.result()
 
 
 _SHUTTING_DOWN = "the gateway is shutting down: the stream was cut"
@@ -68,21 +74,19 @@ async def _pump(
     done_marker: bytes,
     trace: Trace,
     metrics: Metrics,
+    usage: StreamUsage | None,
 ) -> None:
     """Write the first chunk and every next one; end the stream cleanly or with an error."""
     chunks = reply.response.content.iter_any()
     chunk = reply.first_chunk or b""
     tail = b""
     while True:
-        waiting = time.monotonic()
-        try:
-            await response.write(chunk)
-        except (ConnectionError, RuntimeError):
-            metrics.stream_aborts.labels("client").inc()
-            return
-        finally:
-            trace.client_s += time.monotonic() - waiting
-        tail = (tail + chunk)[-TAIL_BYTES:]
+        if usage is not None:
+            chunk = usage.feed(chunk)
+        if chunk:
+            if not await _write(response, chunk, trace, metrics):
+                return
+            tail = (tail + chunk)[-TAIL_BYTES:]
         waiting = time.monotonic()
         try:
             chunk = await anext(chunks)
@@ -93,12 +97,32 @@ async def _pump(
             return
         finally:
             trace.upstream_s += time.monotonic() - waiting
+    rest = usage.flush() if usage is not None else b""
+    if rest:
+        if not await _write(response, rest, trace, metrics):
+            return
+        tail = (tail + rest)[-TAIL_BYTES:]
     if done_marker not in tail:
         await _broken(
             response, metrics, f"the upstream stream ended without {done_marker.decode()}"
         )
         return
     await response.write_eof()
+
+
+async def _write(
+    response: web.StreamResponse, chunk: bytes, trace: Trace, metrics: Metrics
+) -> bool:
+    """Pass ``chunk`` on; False when the client has gone (an abort)."""
+    waiting = time.monotonic()
+    try:
+        await response.write(chunk)
+    except (ConnectionError, RuntimeError):
+        metrics.stream_aborts.labels("client").inc()
+        return False
+    finally:
+        trace.client_s += time.monotonic() - waiting
+    return True
 
 
 async def _broken(response: web.StreamResponse, metrics: Metrics, message: str) -> None:

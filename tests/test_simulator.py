@@ -28,7 +28,9 @@ from router.simulator import (
     quota_day,
     run_simulator,
 )
+from router.simulator.app import ragged
 from router.simulator.faults import Faults
+from router.simulator.sse import BAD_USAGE
 
 MS_HEADERS = (
     "modelscope-ratelimit-requests-limit",
@@ -950,3 +952,97 @@ async def test_run_simulator_until_cancelled(http: aiohttp.ClientSession) -> Non
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# -- usage ----------------------------------------------------------------------------------
+def anthropic_events(text: str) -> list[dict[str, Any]]:
+    """The data of every event of an Anthropic stream."""
+    return [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_anthropic_usage_with_the_prompt_cache(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """The blocks up to the last cache_control are written to the cache the first time and read
+    after; input_tokens is the rest of the prompt (Anthropic's convention)."""
+    url = f"{sim.modelscope_root}/v1/messages"
+    system = [{"type": "text", "text": "a b c d e f", "cache_control": {"type": "ephemeral"}}]
+    body = {
+        "model": QWEN,
+        "max_tokens": 16,
+        "system": system,
+        "messages": [{"role": "user", "content": "hello there"}],
+    }
+    first = (await post(http, url, "ms-bob", body))[1]["usage"]
+    second = (await post(http, url, "ms-bob", body))[1]["usage"]
+    other = (await post(http, url, "ms-alice", body))[1]["usage"]  # another account's cache
+    plain = (await post(http, url, "ms-bob", {**body, "system": "a b c d e f"}))[1]["usage"]
+    output = len(f"sim reply from modelscope/bob for {QWEN}".split())
+    assert first == {
+        "input_tokens": 2,
+        "cache_creation_input_tokens": 6,
+        "cache_read_input_tokens": 0,
+        "output_tokens": output,
+    }
+    assert second == {**first, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 6}
+    assert other["cache_creation_input_tokens"] == 6
+    assert plain == {**first, "input_tokens": 8, "cache_creation_input_tokens": 0}
+    async with http.post(url, json={**body, "stream": True}, headers=auth("ms-bob")) as resp:
+        events = anthropic_events(await resp.text())
+    start = events[0]["message"]["usage"]
+    assert start == {**second, "output_tokens": 1}
+    assert events[-2] == {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": output},
+    }
+
+
+@pytest.mark.parametrize("kind", ["no_usage", "bad_usage"])
+async def test_usage_faults(sim: Simulator, http: aiohttp.ClientSession, kind: str) -> None:
+    """no_usage: answers that report no usage, even a stream that asked for it; bad_usage:
+    a usage object in which no field is a token count. Both are real, counted answers."""
+    expected = None if kind == "no_usage" else BAD_USAGE
+    url = f"{sim.modelscope_url}/chat/completions"
+    sim.faults.add(kind, count=4)
+    body = (await post(http, url, "ms-bob", chat_body()))[1]
+    assert body.get("usage") == expected
+    assert body["choices"][0]["message"]["content"]
+    asked = chat_body(stream=True, stream_options={"include_usage": True})
+    async with http.post(url, json=asked, headers=auth("ms-bob")) as resp:
+        events = parse_sse(await resp.text())
+    assert events[-1] == "[DONE]"
+    usage_chunks = [e for e in events[:-1] if "usage" in e]
+    assert [e["usage"] for e in usage_chunks] == ([] if expected is None else [expected])
+    embedded = (
+        await post(
+            http, f"{sim.modelscope_url}/embeddings", "ms-bob", {"model": EMBED, "input": "x"}
+        )
+    )[1]
+    assert embedded.get("usage") == expected
+    messages = {"model": QWEN, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    answer = (await post(http, f"{sim.modelscope_root}/v1/messages", "ms-bob", messages))[1]
+    assert answer.get("usage") == expected
+    assert sim.state.stats("modelscope")["calls"] == 4
+    assert sim.faults.pending() == []
+
+
+async def test_ragged_sse(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """CRLF line ends, every event in two writes, and no blank line after the last one."""
+    sim.faults.add("ragged_sse")
+    url = f"{sim.modelscope_url}/chat/completions"
+    pieces: list[bytes] = []
+    async with http.post(url, json=chat_body(stream=True), headers=auth("ms-alice")) as resp:
+        assert resp.status == 200
+        async for piece in resp.content.iter_any():
+            pieces.append(piece)
+    text = b"".join(pieces)
+    assert text.endswith(b"\r\n\r\ndata: [DONE]\r\n")
+    assert b"\n" not in text.replace(b"\r\n", b"")
+    assert len(pieces) > 1  # written in 16 halves, 5 ms apart (the reader may join some)
+    events = parse_sse(text.replace(b"\r\n", b"\n").decode() + "\n")
+    assert events[-1] == "[DONE]"
+    assert len(events) == 8
+    assert sim.state.stats("modelscope")["calls"] == 1
+    halves = ragged([b"data: 1\n\n", b"data: [DONE]\n\n"])
+    assert halves == [b"data:", b" 1\r\n\r\n", b"data: [", b"DONE]\r\n"]

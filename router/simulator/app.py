@@ -82,6 +82,12 @@ class Call:
         return self.fault is not None and self.fault.kind == "mid_stream_cut"
 
     @property
+    def usage_mode(self) -> anthropic.UsageMode:
+        """How the answer reports its usage: truly, or as a no_usage/bad_usage fault says."""
+        kind = self.fault.kind if self.fault is not None else ""
+        return "none" if kind == "no_usage" else "bad" if kind == "bad_usage" else "real"
+
+    @property
     def padding(self) -> int:
         """Bytes a big_body fault pads a JSON answer with (0: none)."""
         if self.fault is None or not self.fault.kind.startswith("big_body"):
@@ -218,7 +224,7 @@ async def fault_non_json(call: Call, rule: FaultRule) -> web.StreamResponse | No
 
 
 async def fault_passthrough(call: Call, rule: FaultRule) -> web.StreamResponse | None:
-    return None  # mid_stream_cut, big_body*: acted on by the answer writers
+    return None  # mid_stream_cut, big_body*, *_usage, ragged_sse: acted on by the answer writers
 
 
 FaultAction = Callable[[Call, FaultRule], Awaitable[web.StreamResponse | None]]
@@ -239,6 +245,9 @@ FAULT_ACTIONS: dict[str, FaultAction] = {
     "latency": fault_sleep_first,
     "big_body": fault_passthrough,
     "big_body_chunked": fault_passthrough,
+    "no_usage": fault_passthrough,
+    "bad_usage": fault_passthrough,
+    "ragged_sse": fault_passthrough,
 }
 
 
@@ -344,7 +353,19 @@ IMAGE_CHECKS: tuple[Check, ...] = (
 
 
 # -- answers ------------------------------------------------------------------------------
+def with_usage_mode(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with its usage as a no_usage or bad_usage fault says."""
+    mode = call.usage_mode
+    if mode == "real" or "usage" not in payload:
+        return payload
+    payload = {k: v for k, v in payload.items() if k != "usage"}
+    if mode == "bad":
+        payload["usage"] = sse.BAD_USAGE
+    return payload
+
+
 async def send_json(call: Call, payload: dict[str, Any]) -> web.StreamResponse:
+    payload = with_usage_mode(call, payload)
     if call.padding:
         return await send_padded(call, payload, call.padding)
     data = orjson.dumps(payload)
@@ -376,6 +397,18 @@ async def send_padded(call: Call, payload: dict[str, Any], size: int) -> web.Str
     return response
 
 
+#: Between the two halves of an event of a ragged_sse stream: they reach the client apart.
+RAGGED_PAUSE_S = 0.005
+
+
+def ragged(events: list[bytes]) -> list[bytes]:
+    """A ragged_sse fault's writes: CRLF line ends, each event cut in two in its middle, and
+    the last event without the blank line that ends it."""
+    crlf = [event.replace(b"\n", b"\r\n") for event in events]
+    crlf[-1] = crlf[-1].removesuffix(b"\r\n")
+    return [half for event in crlf for half in (event[: len(event) // 2], event[len(event) // 2 :])]
+
+
 async def send_events(call: Call, events: list[bytes]) -> web.StreamResponse:
     response = web.StreamResponse(
         status=200,
@@ -383,6 +416,8 @@ async def send_events(call: Call, events: list[bytes]) -> web.StreamResponse:
     )
     await response.prepare(call.request)
     delay = call.ctx.state.config.stream_chunk_delay_ms / 1000
+    if call.fault is not None and call.fault.kind == "ragged_sse":
+        events, delay = ragged(events), max(delay, RAGGED_PAUSE_S)
     for i, event in enumerate(events):
         if call.cut and i == 2:
             drop_connection(call.request)
@@ -408,8 +443,11 @@ async def answer_chat(call: Call) -> web.StreamResponse:
         return await send_json(call, payload)
     options = call.body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    include_usage &= call.usage_mode != "none"
     n = call.ctx.state.config.stream_chunks
-    events = sse.stream_events(model, created, content, reasoning, n, prompt, include_usage)
+    events = sse.stream_events(
+        model, created, content, reasoning, n, prompt, include_usage, call.usage_mode == "bad"
+    )
     return await send_events(call, events)
 
 
@@ -442,11 +480,13 @@ async def answer_messages(call: Call) -> web.StreamResponse:
     assert call.account is not None
     assert call.model is not None
     text = sse.reply_text(call.ctx.name, call.account.name, call.model)
-    prompt = sse.prompt_tokens(call.body)
+    cache, scope = call.ctx.provider.prompt_cache, f"{call.account.name}\x00{call.model}"
+    prompt = anthropic.prompt_usage(call.body, cache, scope)
     if call.body.get("stream") is not True:
         return await send_json(call, anthropic.message(call.model, text, prompt))
     n = call.ctx.state.config.stream_chunks
-    return await send_events(call, anthropic.stream_events(call.model, text, prompt, n))
+    events = anthropic.stream_events(call.model, text, prompt, n, call.usage_mode)
+    return await send_events(call, events)
 
 
 # -- the pipeline -------------------------------------------------------------------------

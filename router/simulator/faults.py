@@ -21,6 +21,14 @@ Kinds (``<arg>`` after a colon):
   big_body:<bytes>                    -- a real JSON answer (counted) padded to about that
                                          size, with its Content-Length
   big_body_chunked:<bytes>            -- the same, sent chunked (no Content-Length)
+  no_usage                            -- a real answer (counted) that reports no usage: no
+                                         ``usage`` field, no usage chunk in a stream even
+                                         when asked (an upstream ignoring stream_options)
+  bad_usage                           -- a real answer (counted) whose usage is malformed
+                                         (sse.BAD_USAGE: no field holds a token count)
+  ragged_sse                          -- a real stream (counted) with CRLF line ends, each
+                                         event written in two halves 5 ms apart, and the
+                                         last event without the blank line that ends it
 """
 
 from __future__ import annotations
@@ -49,9 +57,22 @@ FAULT_KINDS: dict[str, str] = {
     "latency": "ms",
     "big_body": "bytes",
     "big_body_chunked": "bytes",
+    "no_usage": "",
+    "bad_usage": "",
+    "ragged_sse": "",
 }
 # Kinds whose answer is a real, counted answer.
-COUNTED_KINDS = frozenset({"mid_stream_cut", "latency", "big_body", "big_body_chunked"})
+COUNTED_KINDS = frozenset(
+    {
+        "mid_stream_cut",
+        "latency",
+        "big_body",
+        "big_body_chunked",
+        "no_usage",
+        "bad_usage",
+        "ragged_sse",
+    }
+)
 
 
 @dataclass(slots=True)

@@ -12,6 +12,16 @@ import orjson
 
 EMBEDDING_DIM = 8
 DONE = b"data: [DONE]\n\n"
+#: The usage a ``bad_usage`` fault answers with: no field holds a token count.
+BAD_USAGE: dict[str, Any] = {
+    "prompt_tokens": "12",
+    "completion_tokens": -1,
+    "total_tokens": None,
+    "input_tokens": [3],
+    "output_tokens": True,
+    "cache_read_input_tokens": 1.5,
+    "cache_creation_input_tokens": {"tokens": 2},
+}
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
@@ -104,7 +114,7 @@ def chunk(
     }
 
 
-def usage_chunk(cid: str, created: int, model: str, usage_: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(cid: str, created: int, model: str, usage_: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion.chunk",
@@ -123,8 +133,11 @@ def stream_events(
     n_chunks: int,
     prompt: int,
     include_usage: bool,
+    bad_usage: bool = False,
 ) -> list[bytes]:
-    """All SSE events of one streamed completion, ``[DONE]`` included."""
+    """All SSE events of one streamed completion, ``[DONE]`` included; with
+    ``include_usage``, a last chunk with ``choices: []`` and the usage (``bad_usage``: a
+    malformed one) before ``[DONE]``."""
     cid = completion_id()
     events = [sse_event(chunk(cid, created, model, {"role": "assistant", "content": ""}))]
     completion = count_tokens(content)
@@ -137,7 +150,8 @@ def stream_events(
         events.append(sse_event(chunk(cid, created, model, {"content": piece})))
     events.append(sse_event(chunk(cid, created, model, {}, "stop")))
     if include_usage:
-        events.append(sse_event(usage_chunk(cid, created, model, usage(prompt, completion))))
+        usage_ = BAD_USAGE if bad_usage else usage(prompt, completion)
+        events.append(sse_event(usage_chunk(cid, created, model, usage_)))
     events.append(DONE)
     return events
 

@@ -77,6 +77,7 @@ class ProviderState:
         self.inflight = 0
         self.max_inflight = 0
         self.inflight_by_account: Counter[str] = Counter()
+        self.prompt_cache: set[str] = set()  # Anthropic prompt prefixes written to the cache
 
     # -- accounts -------------------------------------------------------------------------
     @property
@@ -171,6 +172,7 @@ class ProviderState:
     def reset(self) -> None:
         """Forget usage and counters (in-flight tracking stays accurate)."""
         self._usage.clear()
+        self.prompt_cache.clear()
         self.calls = 0
         self.rejected.clear()
         self.faults_fired.clear()
