@@ -202,8 +202,16 @@ class UpstreamUnavailable(RouterError):
         super().__init__(message, headers=retry_headers(self.retry_after_s))
 
 
-def sse_error_event(message: str, code: str = "upstream_stream_broken") -> bytes:
-    """The last event of a stream that broke after its first byte: never a clean [DONE]."""
+def sse_error_event(
+    message: str, code: str = "upstream_stream_broken", *, anthropic: bool = False
+) -> bytes:
+    """The last event of a stream that broke after its first byte: never a clean [DONE].
+
+    In the client API's shape: OpenAI's ``data: {"error": …}``, or Anthropic's ``event: error``
+    (which the anthropic SDK raises as an APIError; it ignores a bare ``data:`` line there)."""
+    if anthropic:
+        error = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(error) + b"\n\n"
     payload = {
         "error": {"message": message, "type": UpstreamError.type, "param": None, "code": code}
     }

@@ -175,7 +175,9 @@ async def _answer(
             usage = StreamUsage(anthropic=endpoint.anthropic, strip=call.adds_usage)
         done = endpoint.done_marker
         trace, metrics = call.trace, runtime.metrics
-        return await relay_stream(request, reply, headers, done, trace, metrics, usage)
+        return await relay_stream(
+            request, reply, headers, done, trace, metrics, usage, anthropic=endpoint.anthropic
+        )
     reply.close()
     if endpoint.reads_usage and reply.status == 200:
         call.trace.usage = from_body(reply.body or b"", endpoint.anthropic)

@@ -36,8 +36,11 @@ async def relay_stream(
     trace: Trace,
     metrics: Metrics,
     usage: StreamUsage | None = None,
+    *,
+    anthropic: bool = False,
 ) -> web.StreamResponse:
-    """Pass chunks on as they arrive; a stream that breaks ends with an error event."""
+    """Pass chunks on as they arrive; a stream that breaks ends with an error event (in
+    Anthropic's shape for ``anthropic``, /v1/messages)."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
@@ -50,14 +53,15 @@ async def relay_stream(
             # "incomplete body" 400 (recorded as a 500) it ended as in the middleware.
             metrics.stream_aborts.labels("client").inc()
             return response
-        await _pump(response, reply, done_marker, trace, metrics, usage)
+        await _pump(response, reply, done_marker, trace, metrics, usage, anthropic)
         return response
     except asyncio.CancelledError:
         # Cut at the end of the shutdown grace (router.serve): the client is told, like
         # for any broken stream, instead of a bare cut recorded as a 500.
         trace.status = response.status
         if response.prepared:
-            await _end(response, sse_error_event(_SHUTTING_DOWN, code="shutting_down"))
+            event = sse_error_event(_SHUTTING_DOWN, code="shutting_down", anthropic=anthropic)
+            await _end(response, event)
         raise
     finally:
         reply.close()
@@ -75,6 +79,7 @@ async def _pump(
     trace: Trace,
     metrics: Metrics,
     usage: StreamUsage | None,
+    anthropic: bool,
 ) -> None:
     """Write the first chunk and every next one; end the stream cleanly or with an error."""
     chunks = reply.response.content.iter_any()
@@ -93,7 +98,8 @@ async def _pump(
         except StopAsyncIteration:
             break
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            await _broken(response, metrics, f"the upstream stream broke: {type(exc).__name__}")
+            broke = f"the upstream stream broke: {type(exc).__name__}"
+            await _broken(response, metrics, broke, anthropic)
             return
         finally:
             trace.upstream_s += time.monotonic() - waiting
@@ -103,9 +109,8 @@ async def _pump(
             return
         tail = (tail + rest)[-TAIL_BYTES:]
     if done_marker not in tail:
-        await _broken(
-            response, metrics, f"the upstream stream ended without {done_marker.decode()}"
-        )
+        ended = f"the upstream stream ended without {done_marker.decode()}"
+        await _broken(response, metrics, ended, anthropic)
         return
     await response.write_eof()
 
@@ -125,10 +130,12 @@ async def _write(
     return True
 
 
-async def _broken(response: web.StreamResponse, metrics: Metrics, message: str) -> None:
+async def _broken(
+    response: web.StreamResponse, metrics: Metrics, message: str, anthropic: bool
+) -> None:
     metrics.stream_aborts.labels("upstream").inc()
     log.warning("stream aborted: %s", message)
-    await _end(response, sse_error_event(message))
+    await _end(response, sse_error_event(message, anthropic=anthropic))
 
 
 async def _end(response: web.StreamResponse, event: bytes) -> None:

@@ -566,9 +566,15 @@ async def test_a_stream_cut_before_its_usage_is_counted_as_estimated(
             stream = await claude.messages.create(
                 model=MODEL, max_tokens=64, messages=MESSAGES_HI, stream=True
             )
-            # The gateway's error event has OpenAI's shape, which the anthropic SDK ignores:
-            # its stream just ends, without message_stop.
-            events = [event.type async for event in stream]
+            # The gateway's error event has Anthropic's shape: the SDK raises it.
+            events: list[str] = []
+
+            async def read_all() -> None:
+                async for event in stream:
+                    events.append(event.type)
+
+            with pytest.raises(anthropic_sdk.APIError, match="the upstream stream broke"):
+                await read_all()
         finally:
             await through.close()
             await claude.close()
