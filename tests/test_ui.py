@@ -458,6 +458,7 @@ async def test_member_view_shows_the_api_figures_and_refreshes_live(
         assert bot
         assert await page.locator("#models code").all_text_contents() == bot
         await expect(page.locator('#limits [data-field="fallback"]')).to_have_text("not allowed")
+        await expect(page.locator('#limits [data-field="daily_limit"]')).to_have_text("no cap")
         await expect(page.locator('#limits [data-field="models"]')).to_have_text("Qwen/*")
         clients = await team.admin("/admin/clients")
         await check_usage(

@@ -206,7 +206,8 @@
       setText(field(row, "remaining"), d.id === "today" ? count(d.usage.remaining) : "");
     });
     const facts = [
-      ["daily_limit", "My daily limit", count(client.daily_limit) + " calls"],
+      ["daily_limit", "My daily limit",
+        client.daily_limit === null ? "no cap" : count(client.daily_limit) + " calls"],
       ["share", "My fair-share weight", String(client.share)],
       ["fallback", "Paid fallback", client.fallback ? "allowed" : "not allowed"],
       ["models", "Models allowed", client.models === null ? "all" : client.models.join(", ")],
