@@ -8,7 +8,7 @@ Functions never mutate their inputs: they return the fields to write.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from router.quota import keys as k
@@ -159,7 +159,8 @@ def _count(fields: Fields, field: str) -> int:
     return int(fields.get(field, "0"))
 
 
-def _over_limit(clients: Fields, client: ClientQuota) -> bool:
+def over_limit(clients: Fields, client: ClientQuota) -> bool:
+    """Whether the client's own daily limit is reached (checked before anything is touched)."""
     limit = client.daily_limit
     return limit is not None and _count(clients, k.client_used_field(client.name)) >= limit
 
@@ -173,7 +174,7 @@ def reserve_on(
     provider's day map and to the clients day map.
     """
     client = req.client
-    if client is not None and _over_limit(clients, client):
+    if client is not None and over_limit(clients, client):
         refusal = NoCapacity(
             req.provider, req.model, None, Refusal.CLIENT_LIMIT, client.daily_limit
         )
@@ -220,22 +221,30 @@ def _share_now(
     now_ms: int,
     changed: dict[str, str],
 ) -> int | None:
-    """The client's share of the pool, or None while the pool is not shared out.
+    """The client's share of the pool, or None while the pool is not shared out."""
+    share_out = share_out_now(
+        fields.get(k.SHARE_OUT_FIELD), lambda: pool_of(views), fair.below, changed
+    )
+    return None if share_out is None else fair_share(clients, fair, client, share_out, now_ms)
 
-    The share-out starts (in ``changed``) the first time the pool's remaining is below
-    ``fair.below`` of its limit, and keeps that remaining (``fs``) for the rest of the day.
-    A pool with a key that has no cap is never shared out.
+
+def share_out_now(
+    raw: str | None, pool: Callable[[], Pool | None], below: float, changed: dict[str, str]
+) -> int | None:
+    """The pool's calls to share out today (``fs``), or None while it is not shared out.
+
+    ``raw`` is the stored ``fs``. Without one, the share-out starts (in ``changed``) the first
+    time the pool's remaining is below ``below`` of its limit, and keeps that remaining for
+    the rest of the day. A pool with a key that has no cap (``pool()`` None) is never shared
+    out. ``pool`` is asked only when needed: the SQLite store keeps its totals apart.
     """
-    raw = fields.get(k.SHARE_OUT_FIELD)
     if raw is not None:
-        share_out = int(raw)
-    else:
-        pool = pool_of(views)
-        if pool is None or not pool.remaining < fair.below * pool.limit:
-            return None
-        share_out = pool.remaining
-        changed[k.SHARE_OUT_FIELD] = str(share_out)
-    return fair_share(clients, fair, client, share_out, now_ms)
+        return int(raw)
+    totals = pool()
+    if totals is None or not totals.remaining < below * totals.limit:
+        return None
+    changed[k.SHARE_OUT_FIELD] = str(totals.remaining)
+    return totals.remaining
 
 
 def count_client(clients: Fields, client: ClientQuota, now_ms: int) -> dict[str, str]:

@@ -176,9 +176,8 @@ class _Reserve:
 
     def run(self) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str]]:
         req, client = self.req, self.req.client
-        limit = None if client is None else client.daily_limit
-        used = 0 if client is None else int(self.clients.get(k.client_used_field(client.name), "0"))
-        if limit is not None and used >= limit:  # (a)
+        if client is not None and logic.over_limit(self.clients, client):  # (a)
+            limit = client.daily_limit
             return NoCapacity(req.provider, req.model, None, Refusal.CLIENT_LIMIT, limit), {}, {}
         self.build()  # (b)
         over_share, fair_counted = self.fair_share()  # (c)
@@ -272,15 +271,14 @@ class _Reserve:
         if client is None or client.fair_share is None:
             return None, False
         fair = client.fair_share
-        raw = self.day_value(k.SHARE_OUT_FIELD)
-        if raw is not None:
-            share_out = int(raw)
-        else:
-            pool = _pool(self.conn, self.req, self.stamp, self.whole_day)
-            if pool is None or not pool.remaining < fair.below * pool.limit:
-                return None, False
-            share_out = pool.remaining
-            self.changed[k.SHARE_OUT_FIELD] = str(share_out)
+        share_out = logic.share_out_now(
+            self.day_value(k.SHARE_OUT_FIELD),
+            lambda: _pool(self.conn, self.req, self.stamp, self.whole_day),
+            fair.below,
+            self.changed,
+        )
+        if share_out is None:
+            return None, False
         share = logic.fair_share(self.clients, fair, client.name, share_out, self.req.now_ms)
         field = k.fair_used_field(client.name)
         self.clients[field] = self.day_value(field) or "0"  # for the count below
