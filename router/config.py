@@ -41,6 +41,14 @@ MAX_DAILY_LIMIT = 10**9
 MAX_SHARE = 1e6  # fair-share weights are relative; a bound keeps their sum finite
 MAX_ACTIVE_WINDOW_SECONDS = 86_400  # a quota day: the clients day map lives no longer
 DailyLimit = Annotated[int, Field(ge=0, le=MAX_DAILY_LIMIT)]
+# Per-minute limits: a window holds 61 per-second counts whatever the limit (quota/rates.py).
+MAX_PER_MINUTE = 10**9
+PerMinute = Annotated[int, Field(ge=1, le=MAX_PER_MINUTE)]
+# Money: prices per million tokens and daily budgets, counted in nanos of the currency
+# (router.pricing). A million currency units a day keeps the sums exact in Lua's doubles.
+MAX_BUDGET = 1e6
+MAX_PRICE = 1e6
+Budget = Annotated[float, Field(ge=0, le=MAX_BUDGET)]
 RESET_TIME_HINT = 'write it as a quoted string, "HH:MM" (YAML reads unquoted 25:00 as a number)'
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -136,6 +144,7 @@ class KeyConfig(_Model):
     secret_file: Path | None = None
     daily_limit: DailyLimit | None = None
     model_daily_limit: DailyLimit | None = None
+    rpm: PerMinute | None = None  # calls per minute on this key (default: the provider's rpm)
 
     @model_validator(mode="after")
     def _one_secret(self) -> Self:
@@ -152,6 +161,16 @@ class KeyConfig(_Model):
         return self.secret_file.read_text(encoding="utf-8").strip()
 
 
+class Price(_Model):
+    """Prices per million tokens, in the provider's currency."""
+
+    input: float = Field(ge=0, le=MAX_PRICE)
+    output: float = Field(ge=0, le=MAX_PRICE)
+    # Anthropic's cache reads and writes, counted apart from input_tokens (default: input).
+    cache_read: float | None = Field(None, ge=0, le=MAX_PRICE)
+    cache_write: float | None = Field(None, ge=0, le=MAX_PRICE)
+
+
 class ProviderConfig(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     type: ProviderType
@@ -166,12 +185,31 @@ class ProviderConfig(_Model):
     paid: bool | None = None  # default: Bailian and generic OpenAI-compatible are paid
     anthropic_base_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     passthrough: list[str] = Field(default_factory=list)  # other /v1 paths it serves
+    # Money (paid providers only): prices per million tokens by model id or glob pattern
+    # (an exact id first, then the patterns in order), and a budget per quota day.
+    currency: str = Field("CNY", pattern=r"^[A-Z]{3}$")
+    prices: dict[str, Price] = Field(default_factory=dict)
+    daily_budget: Budget | None = None
+    rpm: PerMinute | None = None  # calls per minute per key, unless a key says otherwise
     keys: list[KeyConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_keys(self) -> Self:
         _require_unique([k.name for k in self.keys], "key name")
         return self
+
+    @model_validator(mode="after")
+    def _money_on_paid_only(self) -> Self:
+        if not self.is_paid and (self.prices or self.daily_budget is not None):
+            field = "prices" if self.prices else "daily_budget"
+            raise ValueError(
+                f"{field}: the provider {self.name!r} is free (its calls cost nothing); "
+                "prices and budgets are for paid providers (set paid: true if it bills)"
+            )
+        return self
+
+    def key_rpm(self, key: KeyConfig) -> int | None:
+        return key.rpm if key.rpm is not None else self.rpm
 
     @field_validator("passthrough")
     @classmethod
@@ -265,6 +303,10 @@ class ClientConfig(_KeyHolder):
     share: float = Field(1.0, gt=0, le=MAX_SHARE)  # weight in the fair share of the free pool
     models: list[str] | None = None  # allowed model ids or aliases (glob patterns); None = all
     fallback: bool = True  # may spill to paid providers
+    rpm: PerMinute | None = None  # requests per minute (any 60 s)
+    tpm: PerMinute | None = None  # tokens per minute (any 60 s), checked before each request
+    daily_tokens: Annotated[int, Field(ge=0, le=10**15)] | None = None  # every provider
+    daily_budget: Budget | None = None  # money per quota day on paid providers
 
 
 class FairShareSettings(_Model):
@@ -361,6 +403,23 @@ class Settings(BaseSettings):
                         f"is not declared (declared: {', '.join(sorted(declared))})"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _one_currency_for_client_budgets(self) -> Self:
+        """A client's daily_budget adds up the cost on every paid provider: one currency."""
+        budgets = [i for i, c in enumerate(self.clients) if c.daily_budget is not None]
+        currencies = sorted({p.currency for p in self.providers if p.is_paid})
+        if budgets and len(currencies) > 1:
+            raise ValueError(
+                f"clients[{budgets[0]}].daily_budget: the paid providers bill in several "
+                f"currencies ({', '.join(currencies)}); a client budget needs them all in one"
+            )
+        return self
+
+    @property
+    def budget_currency(self) -> str:
+        """The currency client budgets are in: the paid providers' (CNY when there is none)."""
+        return next((p.currency for p in self.providers if p.is_paid), "CNY")
 
     @model_validator(mode="after")
     def _one_use_per_secret(self) -> Self:

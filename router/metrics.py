@@ -149,6 +149,20 @@ class Metrics:
             ["client", "provider"],
             registry=registry,
         )
+        self.cost = Counter(
+            "router_cost",
+            "Money the answers cost at the configured prices (providers[].prices), by client, "
+            "provider and currency; free providers cost nothing.",
+            ["client", "provider", "currency"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "router_limit_refusals",
+            "Requests refused by a limit before any upstream call: client_limit, "
+            "client_tokens, client_budget, client_rpm, client_tpm, provider_budget.",
+            ["client", "reason"],
+            registry=registry,
+        )
         self.stream_aborts = Counter(
             "router_stream_aborts",
             "Streams that ended early: side=client (went away) or upstream (broke).",
@@ -170,6 +184,31 @@ class Metrics:
             "At the pace of the last hour, seconds until the provider's pool is spent "
             "(+Inf when not before the reset).",
             ["provider"],
+            registry=registry,
+        )
+        # Tokens and money of the quota day, from the store (every replica's answers).
+        self.cost_today = Gauge(
+            "router_cost_today",
+            "Money spent today on each provider (its currency), from the store.",
+            ["provider", "currency"],
+            registry=registry,
+        )
+        self.budget = Gauge(
+            "router_daily_budget",
+            "A provider's configured daily_budget (its currency); absent when it has none.",
+            ["provider", "currency"],
+            registry=registry,
+        )
+        self.client_tokens_today = Gauge(
+            "router_client_tokens_today",
+            "Tokens each client used today on every provider, from the store.",
+            ["client"],
+            registry=registry,
+        )
+        self.client_cost_today = Gauge(
+            "router_client_cost_today",
+            "Money each client spent today, from the store.",
+            ["client", "currency"],
             registry=registry,
         )
         self.store_up = Gauge(

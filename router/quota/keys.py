@@ -28,6 +28,10 @@ DEFAULT_PREFIX = "modelscope-router"
 #   {prefix}:task:<task_id>            which provider/key created an asynchronous task
 #   {prefix}:replicas                  replica id -> last heartbeat (Redis time, Unix ms)
 #   {prefix}:writeback:<token>         a local spending batch already written back (fail_open)
+#   {prefix}:usage:<day>               tokens and cost of a day (router/quota/spending.py)
+#   {prefix}:usage-batch:<token>       a batch of usage already added (so it applies once)
+#   {prefix}:rates                     per-minute windows (router/quota/rates.py): client rpm
+#                                      and tpm, key rpm
 
 # Provider day map fields: per key (and model) ...
 USED = "u"
@@ -45,6 +49,15 @@ FAIR_USED = "fu"
 CLIENT_USED = "t"
 CLIENT_FREE_USED = "f"
 CLIENT_SEEN = "s"
+# Money and tokens (written by record_usage, read by reserve for budgets): the provider's
+# cost today (day map), each client's tokens and cost today (clients day map), in nanos.
+COST_FIELD = "$"
+CLIENT_TOKENS = "tk"
+CLIENT_COST = "$"
+# Rates hash fields: a client's requests and tokens per minute, a key's calls per minute.
+RATE_CLIENT_RPM = "r"
+RATE_CLIENT_TPM = "t"
+RATE_KEY_RPM = "k"
 SEP = "|"  # never part of a key, model or client name
 
 
@@ -105,6 +118,41 @@ def replicas_key(prefix: str) -> str:
 def writeback_key(prefix: str, token: str) -> str:
     """Redis key marking one written-back batch of local spending (so it applies once)."""
     return f"{_tag(prefix)}:writeback:{token}"
+
+
+def usage_key(prefix: str, day: str) -> str:
+    """Redis key of a day's tokens and cost, per client, provider, key and model."""
+    return f"{_tag(prefix)}:usage:{day}"
+
+
+def usage_batch_key(prefix: str, token: str) -> str:
+    """Redis key marking one batch of usage already added (a retried batch adds nothing)."""
+    return f"{_tag(prefix)}:usage-batch:{token}"
+
+
+def rates_key(prefix: str) -> str:
+    """Redis key of the per-minute windows (not per day: a minute spans a reset)."""
+    return f"{_tag(prefix)}:rates"
+
+
+def client_tokens_field(client: str) -> str:
+    return f"{CLIENT_TOKENS}{SEP}{client}"
+
+
+def client_cost_field(client: str) -> str:
+    return f"{CLIENT_COST}{SEP}{client}"
+
+
+def client_rpm_field(client: str) -> str:
+    return f"{RATE_CLIENT_RPM}{SEP}{client}"
+
+
+def client_tpm_field(client: str) -> str:
+    return f"{RATE_CLIENT_TPM}{SEP}{client}"
+
+
+def key_rpm_field(provider: str, key: str) -> str:
+    return f"{RATE_KEY_RPM}{SEP}{provider}{SEP}{key}"
 
 
 def fair_used_field(client: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from router.quota import keys as k
+from router.quota import rates
 from router.quota.selection import KeyView, select_key
 from router.quota.types import (
     ClientQuota,
@@ -89,8 +90,16 @@ def _until(value: str | None) -> int | None:
     return None if cooldown is None else cooldown[0]
 
 
-def key_view(fields: Fields, disabled: Fields, spec: KeySpec, model: str) -> KeyView:
-    """What selection needs to know about ``spec`` for ``model``, read from the maps."""
+def key_view(
+    fields: Fields,
+    disabled: Fields,
+    spec: KeySpec,
+    model: str,
+    rate: str | None = None,
+    now_ms: int = 0,
+) -> KeyView:
+    """What selection needs to know about ``spec`` for ``model``, read from the maps;
+    ``rate`` is the key's calls-per-minute window (rates hash), read at ``now_ms``."""
     name = spec.name
     return KeyView(
         used=int(fields.get(k.used_field(name), "0")),
@@ -102,7 +111,13 @@ def key_view(fields: Fields, disabled: Fields, spec: KeySpec, model: str) -> Key
         cooling_until_ms=_until(fields.get(k.cooling_field(name))),
         model_cooling_until_ms=_until(fields.get(k.model_cooling_field(name, model))),
         disabled=disabled_reason(disabled.get(name), spec.fingerprint) is not None,
+        rpm_until_ms=rates.blocked_until(rate, spec.rpm, now_ms),
     )
+
+
+def key_rate(rates_map: Fields, provider: str, spec: KeySpec) -> str | None:
+    """The key's calls-per-minute window, read only when the key has an rpm."""
+    return None if spec.rpm is None else rates_map.get(k.key_rpm_field(provider, spec.name))
 
 
 class Pool(NamedTuple):
@@ -165,21 +180,80 @@ def over_limit(clients: Fields, client: ClientQuota) -> bool:
     return limit is not None and _count(clients, k.client_used_field(client.name)) >= limit
 
 
-def reserve_on(
-    fields: Fields, disabled: Fields, clients: Fields, req: ReserveRequest
-) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str]]:
-    """Check the client, pick a key for ``req`` and count one call on both.
+def refusal_before(
+    fields: Fields, clients: Fields, rates_map: Fields, req: ReserveRequest
+) -> NoCapacity | None:
+    """The refusal that comes before any key is looked at, or None: the client's daily calls,
+    daily tokens, requests and tokens per minute (once per request), budget, then the
+    provider's budget. Nothing is counted when one refuses."""
+    client = req.client
 
-    ``clients`` is the clients day map. Returns the outcome and the fields to write to the
-    provider's day map and to the clients day map.
+    def refuse(reason: Refusal, limit: int | None, retry_at: int | None = None) -> NoCapacity:
+        return NoCapacity(req.provider, req.model, retry_at, reason, limit)
+
+    if client is not None:
+        if over_limit(clients, client):
+            return refuse(Refusal.CLIENT_LIMIT, client.daily_limit)
+        tokens = client.daily_tokens
+        if tokens is not None and _count(clients, k.client_tokens_field(client.name)) >= tokens:
+            return refuse(Refusal.CLIENT_TOKENS, tokens)
+        if client.count_rate:
+            for reason, limit, field in (
+                (Refusal.CLIENT_RPM, client.rpm, k.client_rpm_field(client.name)),
+                (Refusal.CLIENT_TPM, client.tpm, k.client_tpm_field(client.name)),
+            ):
+                if limit is not None:
+                    kept, total = rates.window(rates_map.get(field), req.now_ms)
+                    if total >= limit:
+                        return refuse(reason, limit, rates.retry_at(kept, total, limit))
+        budget = client.daily_budget
+        if budget is not None and _count(clients, k.client_cost_field(client.name)) >= budget:
+            return refuse(Refusal.CLIENT_BUDGET, budget)
+    if req.budget is not None and _count(fields, k.COST_FIELD) >= req.budget:
+        return refuse(Refusal.PROVIDER_BUDGET, req.budget)
+    return None
+
+
+def count_rates(
+    rates_map: Fields, req: ReserveRequest, spec: KeySpec, changed: dict[str, str]
+) -> None:
+    """Count the call in the client's requests-per-minute window (once per request) and in
+    the key's calls-per-minute window, where those limits are set."""
+    client = req.client
+    if client is not None and client.count_rate and client.rpm is not None:
+        field = k.client_rpm_field(client.name)
+        kept, _ = rates.window(rates_map.get(field), req.now_ms)
+        changed[field] = rates.add(kept, req.now_ms, 1)
+    if spec.rpm is not None:
+        field = k.key_rpm_field(req.provider, spec.name)
+        kept, _ = rates.window(rates_map.get(field), req.now_ms)
+        changed[field] = rates.add(kept, req.now_ms, 1)
+
+
+def reserve_on(
+    fields: Fields,
+    disabled: Fields,
+    clients: Fields,
+    req: ReserveRequest,
+    rates_map: Fields | None = None,
+) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str], dict[str, str]]:
+    """Check the client and the budgets, pick a key for ``req`` and count one call.
+
+    ``clients`` is the clients day map, ``rates_map`` the per-minute windows. Returns the
+    outcome and the fields to write to the provider's day map, the clients day map and the
+    rates map.
     """
     client = req.client
-    if client is not None and over_limit(clients, client):
-        refusal = NoCapacity(
-            req.provider, req.model, None, Refusal.CLIENT_LIMIT, client.daily_limit
+    rates_map = rates_map or {}
+    refusal = refusal_before(fields, clients, rates_map, req)
+    if refusal is not None:
+        return refusal, {}, {}, {}
+    views = [
+        key_view(
+            fields, disabled, spec, req.model, key_rate(rates_map, req.provider, spec), req.now_ms
         )
-        return refusal, {}, {}
-    views = [key_view(fields, disabled, spec, req.model) for spec in req.keys]
+        for spec in req.keys
+    ]
     changed: dict[str, str] = {}
     fair_counted = False
     over_share: int | None = None
@@ -192,10 +266,10 @@ def reserve_on(
     cursor = int(fields.get(k.CURSOR_FIELD, "0"))
     picked = select_key(views, req.strategy, cursor, req.now_ms)
     if picked.chosen is None:  # a spent pool says so before a client's share does
-        return NoCapacity(req.provider, req.model, picked.retry_at_ms), changed, {}
+        return NoCapacity(req.provider, req.model, picked.retry_at_ms), changed, {}, {}
     if over_share is not None:
         refusal = NoCapacity(req.provider, req.model, None, Refusal.CLIENT_SHARE, over_share)
-        return refusal, changed, {}
+        return refusal, changed, {}, {}
     index = picked.chosen
     spec, view = req.keys[index], views[index]
     changed[k.used_field(spec.name)] = str(view.used + 1)
@@ -208,8 +282,10 @@ def reserve_on(
         if fair_counted:
             field = k.fair_used_field(client.name)
             changed[field] = str(_count(fields, field) + 1)
+    changed_rates: dict[str, str] = {}
+    count_rates(rates_map, req, spec, changed_rates)
     reservation = reservation_for(req, index, view.used + 1, view.model_used + 1, fair_counted)
-    return reservation, changed, changed_clients
+    return reservation, changed, changed_clients, changed_rates
 
 
 def _share_now(

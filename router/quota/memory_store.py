@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
-from router.quota import logic
+from router.quota import keys as k
+from router.quota import logic, rates, spending
 from router.quota.days import wall_clock_ms
 from router.quota.types import (
     ClientUsage,
@@ -17,9 +18,12 @@ from router.quota.types import (
     ReserveRequest,
     Settlement,
     SettleResult,
+    UsageRecord,
+    UsageRow,
 )
 
 CLIENTS = ""  # the clients day map's place among the provider maps (no provider is named "")
+USAGE = ":usage"  # the usage maps' place (no provider name holds ':')
 
 
 def _previous_day(day: str) -> str | None:
@@ -42,6 +46,8 @@ class MemoryStore:
         self._days: dict[tuple[str, str], dict[str, str]] = {}
         self._disabled: dict[str, dict[str, str]] = {}
         self._tasks: dict[str, tuple[str, int]] = {}  # task id -> (value, expires at ms)
+        self._rates: dict[str, str] = {}  # the per-minute windows (router.quota.rates)
+        self._batches: set[str] = set()  # usage batches already added
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -66,15 +72,39 @@ class MemoryStore:
             del self._days[stale]
 
     async def reserve(self, req: ReserveRequest) -> Reservation | NoCapacity:
-        outcome, changed, changed_clients = logic.reserve_on(
+        outcome, changed, changed_clients, changed_rates = logic.reserve_on(
             self._fields(req.provider, req.day),
             self._disabled.get(req.provider, {}),
             self._fields(CLIENTS, req.day),
             req,
+            self._rates,
         )
         self._write(req.provider, req.day, changed)
         self._write(CLIENTS, req.day, changed_clients)
+        self._rates.update(changed_rates)
         return outcome
+
+    async def record_usage(self, token: str, records: Sequence[UsageRecord]) -> None:
+        if token in self._batches:
+            return
+        if len(self._batches) >= 100_000:  # bounded: a retried batch comes back within seconds
+            self._batches.clear()
+        self._batches.add(token)
+        changes = spending.changes_of(records)
+        for day, c in changes.days.items():
+            self._write(USAGE, day, spending.add_to(self._fields(USAGE, day), c.usage))
+            self._write(CLIENTS, day, spending.add_to(self._fields(CLIENTS, day), c.clients))
+            for provider, cost in c.providers.items():
+                fields = self._fields(provider, day)
+                self._write(provider, day, spending.add_to(fields, {k.COST_FIELD: cost}))
+        for client, added in changes.tpm.items():
+            field = k.client_tpm_field(client)
+            for at_ms, tokens in added:
+                kept, _ = rates.window(self._rates.get(field), at_ms)
+                self._rates[field] = rates.add(kept, at_ms, tokens)
+
+    async def usage(self, day: str) -> list[UsageRow]:
+        return spending.rows_of(self._fields(USAGE, day))
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
         result, changed, changed_disabled, changed_clients = logic.settle_on(
@@ -121,6 +151,7 @@ class MemoryStore:
         fields = self._days.get((provider, day), {})
         for field in logic.key_fields(list(fields), key):
             del fields[field]
+        self._rates.pop(k.key_rpm_field(provider, key), None)
 
     async def client_usage(
         self,

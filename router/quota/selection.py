@@ -9,7 +9,7 @@ choice from an index kept in Redis (see its header), so its cost does not grow w
   the key's, whichever is smaller; a key with no cap has 2**53 minus its calls), ties to the
   first in config order. Each call lowers the chosen key's figure, so equal keys take turns.
 
-Available: not disabled, not exhausted, under both limits and not cooling. Every strategy
+Available: not disabled, not exhausted, under both limits, not cooling and under its rpm. Every strategy
 counts the same way and never passes a limit; they differ only in which key goes first.
 """
 
@@ -37,6 +37,7 @@ class KeyView:
     cooling_until_ms: int | None = None  # from `c|key`
     model_cooling_until_ms: int | None = None  # from `c|key|model`
     disabled: bool = False
+    rpm_until_ms: int | None = None  # at its calls per minute until then (router.quota.rates)
 
     def is_exhausted(self) -> bool:
         return (
@@ -47,10 +48,11 @@ class KeyView:
         )
 
     def available_at(self, now_ms: int) -> int | None:
-        """End of the active cooldowns (the later one), or None when not cooling."""
+        """End of the active cooldowns (the later one), or None when not cooling. A key at its
+        calls per minute cools until its window has room again."""
         active = [
             until
-            for until in (self.cooling_until_ms, self.model_cooling_until_ms)
+            for until in (self.cooling_until_ms, self.model_cooling_until_ms, self.rpm_until_ms)
             if until is not None and until > now_ms
         ]
         return max(active) if active else None

@@ -16,6 +16,8 @@ from router.quota.types import (
     Settlement,
     SettleResult,
     Strategy,
+    UsageRecord,
+    UsageRow,
 )
 
 # The readiness probe's own provider and key: a provider name config never accepts (':'), so
@@ -35,6 +37,15 @@ class QuotaStore(Protocol):
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
         """Apply what the upstream answered to the reserved key, atomically."""
+        ...
+
+    async def record_usage(self, token: str, records: Sequence[UsageRecord]) -> None:
+        """Add a batch of answers' tokens and cost to their quota days, atomically and once
+        per ``token`` (a batch sent again after a lost reply adds nothing)."""
+        ...
+
+    async def usage(self, day: str) -> list[UsageRow]:
+        """Tokens and cost of a quota day per client, provider, key and model."""
         ...
 
     async def snapshot(
@@ -105,6 +116,12 @@ class ForwardingStore:
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
         return await self.inner.settle(res, settlement, now_ms)
+
+    async def record_usage(self, token: str, records: Sequence[UsageRecord]) -> None:
+        await self.inner.record_usage(token, records)
+
+    async def usage(self, day: str) -> list[UsageRow]:
+        return await self.inner.usage(day)
 
     async def snapshot(
         self,

@@ -36,6 +36,7 @@ class KeySpec:
     fingerprint: str  # a short hash of the secret: a disabled record only holds for this secret
     daily_limit: int | None  # calls per quota day for the whole key; None = no cap
     model_limit: int | None  # calls per quota day for the requested model; None = no cap
+    rpm: int | None = None  # calls per minute (any 60 s); None = no limit (router.quota.rates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,19 @@ class ClientQuota:
     name: str
     daily_limit: int | None  # calls per quota day on every provider together; None = no cap
     fair_share: FairShare | None  # set only when reserving on a free (not paid) provider
+    daily_tokens: int | None = None  # tokens per quota day on every provider; None = no cap
+    # Money per quota day, in nanos of the currency (router.pricing); set only when reserving
+    # on a provider that has prices: free providers cost nothing and never stop for it.
+    daily_budget: int | None = None
+    rpm: int | None = None  # requests per minute (any 60 s); None = no limit
+    tpm: int | None = None  # tokens per minute (any 60 s), checked before a call
+    # Whether this reservation is the request's first that may count: rpm and tpm are checked
+    # (and rpm counted) once per request, not once per failover attempt.
+    count_rate: bool = True
+
+    def rated(self) -> bool:
+        """Whether rpm or tpm applies to this reservation."""
+        return self.count_rate and (self.rpm is not None or self.tpm is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +80,9 @@ class ReserveRequest:
     now_ms: int
     day_end_ms: int  # the next reset (Unix ms): cooldowns never pass it, counters expire after it
     client: ClientQuota | None = None
+    # The provider's daily budget in nanos of its currency; None = none. Spent (the cost the
+    # store has recorded today reached it): the provider refuses like a spent pool.
+    budget: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +108,21 @@ class Refusal(StrEnum):
     KEYS = "keys"  # every key is spent, cooling or disabled
     CLIENT_LIMIT = "client_limit"  # the client's own daily_limit is reached
     CLIENT_SHARE = "client_share"  # the client used its fair share of this free pool
+    CLIENT_TOKENS = "client_tokens"  # the client's daily_tokens are used
+    CLIENT_BUDGET = "client_budget"  # the client's daily_budget is spent (priced providers only)
+    CLIENT_RPM = "client_rpm"  # the client made rpm requests in the last minute
+    CLIENT_TPM = "client_tpm"  # the client used tpm tokens in the last minute
+    PROVIDER_BUDGET = "provider_budget"  # the provider's daily_budget is spent
+
+    @property
+    def whole_client(self) -> bool:
+        """A refusal that holds on every route (the client's own counts), not just this one."""
+        return self in _WHOLE_CLIENT
+
+
+_WHOLE_CLIENT = frozenset(
+    {Refusal.CLIENT_LIMIT, Refusal.CLIENT_TOKENS, Refusal.CLIENT_RPM, Refusal.CLIENT_TPM}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +133,10 @@ class NoCapacity:
     model: str
     retry_at_ms: int | None  # end of the earliest cooldown; None = nothing before the next reset
     reason: Refusal = Refusal.KEYS
-    client_limit: int | None = None  # CLIENT_LIMIT: the daily limit; CLIENT_SHARE: the share
+    # The limit that refused: CLIENT_LIMIT the daily calls, CLIENT_SHARE the share, CLIENT_TOKENS
+    # the daily tokens, CLIENT_RPM / CLIENT_TPM the per-minute limit, CLIENT_BUDGET and
+    # PROVIDER_BUDGET the budget (nanos). retry_at_ms is set for the per-minute ones.
+    client_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +203,38 @@ class KeyUsage:
     @property
     def remaining(self) -> int | None:
         return None if self.limit is None else max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """The tokens and cost of one answer, to add to its quota day (QuotaStore.record_usage)."""
+
+    day: str
+    day_end_ms: int  # the day's reset: its counters expire a day after it
+    client: str
+    provider: str
+    key: str
+    model: str  # the upstream model name, as the calls are counted
+    prompt: int
+    completion: int
+    total: int
+    cost: int  # nanos of the provider's currency (router.pricing); 0 when free or unpriced
+    at_ms: int  # when the answer ended: the minute its tokens count in (tpm)
+    tpm: bool = False  # the client has a tpm limit: also add the tokens to its minute window
+    estimated: bool = False  # a stream that ended before its usage was complete
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Tokens and cost of a quota day for one (client, provider, key, model)."""
+
+    client: str
+    provider: str
+    key: str
+    model: str
+    prompt: int
+    completion: int
+    total: int
+    cost: int  # nanos of the provider's currency
+    answers: int  # answers that reported (or estimated) usage
+    estimated: int  # of which estimated
