@@ -7,6 +7,7 @@ router.ui (the web page).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from router import gateway, probes
 from router.admin import add_admin_routes
 from router.config import Settings
+from router.ledger import Ledger
 from router.logs import quiet_parser_errors
 from router.metrics import Metrics
 from router.middleware import error_middleware
@@ -30,6 +32,7 @@ from router.runtime import Runtime
 from router.state import (
     CONFIG_PATH,
     INFLIGHT,
+    LEDGER,
     LIFECYCLE,
     LIVE,
     METRICS,
@@ -45,6 +48,7 @@ from router.ui import add_ui_routes
 __all__ = ["STORE", "create_app"]
 
 log = logging.getLogger("router.app")
+LEDGER_FLUSH_SECONDS = 5.0  # at shutdown, for the usage the last answers left
 
 
 def create_app(
@@ -82,13 +86,13 @@ def create_app(
             await app[STORE].aclose()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-        runtime = Runtime(settings, app[STORE], app[METRICS], clock)
+        runtime = Runtime(settings, app[STORE], app[METRICS], clock, ledger=app[LEDGER])
         await runtime.start(fetch_catalog=fetch_catalog)
         app[LIVE] = Live(app, runtime, fetch_catalog=fetch_catalog)
         yield
         await app[LIVE].aclose()
 
-    app.cleanup_ctx.extend([store_ctx, runtime_ctx, _sighup_ctx])
+    app.cleanup_ctx.extend([store_ctx, _ledger_ctx, runtime_ctx, _sighup_ctx])
     _add_routes(app)
     _warn_if_open(settings)
     return app
@@ -107,6 +111,18 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_route("*", "/v1/{path:.+}", gateway.passthrough)  # allow-listed only
     add_admin_routes(app)
     add_ui_routes(app)  # the web page at /ui/
+
+
+async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The usage writer (router.ledger): it outlives reloads, and at shutdown it writes what
+    the last answers left (after the runtime drained them, before the store closes)."""
+    ledger = app[LEDGER] = Ledger(app[STORE])
+    writer = asyncio.create_task(ledger.run())
+    yield
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    await ledger.flush(LEDGER_FLUSH_SECONDS)
 
 
 async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ import orjson
 
 from router.endpoints import Endpoint
 from router.errors import BadRequest
+from router.quota.types import Reservation
 from router.routing import Route
 from router.usage import Usage
 
@@ -43,8 +44,9 @@ class Trace:
     upstream_s: float = 0.0  # waiting on upstreams
     client_s: float = 0.0  # waiting on the client to take a stream
     # The tokens the answer reported (router.usage), None when it reported none: counted in
-    # the metrics; the seam where a later step stores them per quota day.
+    # the metrics and, with its cost, in the store (router.ledger) on the reservation's day.
     usage: Usage | None = None
+    reservation: Reservation | None = None  # the one that served
 
 
 @dataclass(slots=True)

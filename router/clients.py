@@ -1,4 +1,5 @@
-"""What each client may do: models, paid fallback, daily limit, fair share. Pure."""
+"""What each client may do: models, paid fallback, daily limits, per-minute limits, budget,
+fair share. Pure."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from router.config import ClientConfig, ProviderConfig, Settings
+from router.pricing import to_nanos
 from router.quota.types import ClientQuota, FairShare
 from router.routing import Route, upstream_model_name
 
@@ -25,7 +27,7 @@ class ClientPolicy:
             if len(settings.clients) > 1  # one client has nobody to share with
             else None
         )
-        self._quotas: dict[tuple[str, bool], ClientQuota] = {}
+        self._quotas: dict[tuple[str, str, bool], ClientQuota] = {}
 
     def client(self, name: str) -> ClientConfig | None:
         return self._clients.get(name)
@@ -80,20 +82,32 @@ class ClientPolicy:
             return routes
         return tuple(r for r in routes if not r.provider.is_paid)
 
-    def quota_for(self, name: str, provider: ProviderConfig) -> ClientQuota | None:
-        """What the store counts for this client on this provider (fair share on free ones)."""
+    def quota_for(
+        self, name: str, provider: ProviderConfig, count_rate: bool = True
+    ) -> ClientQuota | None:
+        """What the store checks and counts for this client on this provider: the fair share
+        on free ones, the budget on priced ones; rpm and tpm on a request's first reservation
+        (``count_rate``)."""
         client = self._clients.get(name)
         if client is None:
             return None
-        free = not provider.is_paid
-        quota = self._quotas.get((name, free))
+        key = (name, provider.name, count_rate)
+        quota = self._quotas.get(key)
         if quota is None:
+            free = not provider.is_paid
+            priced = provider.is_paid and bool(provider.prices)
+            budget = client.daily_budget
             quota = ClientQuota(
                 name=name,
                 daily_limit=client.daily_limit,
                 fair_share=self._fair_share if free else None,
+                daily_tokens=client.daily_tokens,
+                daily_budget=to_nanos(budget) if priced and budget is not None else None,
+                rpm=client.rpm,
+                tpm=client.tpm,
+                count_rate=count_rate,
             )
-            self._quotas[name, free] = quota
+            self._quotas[key] = quota
         return quota
 
 

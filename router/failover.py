@@ -33,8 +33,10 @@ from router.classify import (
 from router.clients import ClientPolicy
 from router.config import Settings
 from router.errors import RouterError, StoreUnavailable, UpstreamError
+from router.ledger import Ledger
 from router.metrics import Metrics
 from router.pool import KeyPool
+from router.pricing import to_nanos
 from router.quota.days import QuotaCalendar, to_ms
 from router.quota.store import QuotaStore, StoreError
 from router.quota.types import (
@@ -77,6 +79,7 @@ class _Progress:
     last_failure: Verdict | None = None
     moving_from: tuple[str, str] | None = None  # (provider, reason) of the last failover
     broken: Open | None = None  # the soonest-closing failure breaker that skipped a route
+    rate_counted: bool = False  # the client's rpm counted this request (once per request)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -96,6 +99,7 @@ class Failover:
         routes: RouteTable,
         metrics: Metrics,
         clock: Callable[[], datetime],
+        ledger: Ledger | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -106,13 +110,21 @@ class Failover:
         self.metrics = metrics
         self.clock = clock
         self.policy = ClientPolicy(settings)
-        self.refusals = Refusals(settings.quota, clock)
+        self.ledger = ledger
+        self.refusals = Refusals(settings.quota, clock, self._currency)
         self.breakers = Breakers(lambda: self.clock().timestamp())
         self._calendar = QuotaCalendar(settings.quota.tz, settings.quota.reset_time)
         self._lowest = LowestSeen()
         # (client, endpoint, passthrough, model) -> (the catalog's model set it was made
         # with, the routes): every client, model and endpoint check of a call, made once.
         self._plans: dict[tuple[str, str, bool, str], tuple[frozenset[str], tuple[Route, ...]]] = {}
+
+    def _currency(self, provider: str | None) -> str:
+        """A provider's currency; None (or one a reload removed): the client budgets' one."""
+        try:
+            return self.settings.provider(provider or "").currency
+        except KeyError:
+            return self.settings.budget_currency
 
     async def forward(self, call: Call) -> Served | RouterError:
         """Serve ``call`` through the first route and key that can; else the refusal to send.
@@ -188,10 +200,11 @@ class Failover:
         for _ in range(len(specs) + self.settings.retry.max_attempts + 1):
             if self._out_of_attempts(progress) or self._breaker_open(route, progress):
                 return None
-            reservation = await self._reserve(route, specs, call.trace.client)
+            reservation = await self._reserve(route, specs, call.trace.client, progress)
             if isinstance(reservation, NoCapacity):
-                if reservation.reason is Refusal.CLIENT_LIMIT:
-                    raise self.refusals.client_limit(call.trace.client, reservation)
+                if reservation.reason.whole_client:
+                    self.metrics.refusals.labels(call.trace.client, reservation.reason).inc()
+                    raise self.refusals.client_refusal(call.trace.client, reservation)
                 progress.blocked.append(reservation)
                 return None
             self._lowest.record(reservation)
@@ -219,6 +232,7 @@ class Failover:
         if index > 0 and verdict.outcome is Outcome.OK:
             self.metrics.fallback_requests.labels(route.provider.name).inc()
         call.trace.provider, call.trace.key = reservation.provider, reservation.key
+        call.trace.reservation = reservation
         return Served(route, reservation, reply)
 
     def _failed(
@@ -236,22 +250,42 @@ class Failover:
         return True
 
     async def _reserve(
-        self, route: Route, specs: tuple[KeySpec, ...], client: str
+        self, route: Route, specs: tuple[KeySpec, ...], client: str, progress: _Progress
     ) -> Reservation | NoCapacity:
+        provider = route.provider
+        quota = self.policy.quota_for(client, provider, count_rate=not progress.rate_counted)
+        budget = provider.daily_budget
+        if self.ledger is not None and (
+            budget is not None
+            or (
+                quota is not None
+                and (
+                    quota.daily_tokens is not None
+                    or quota.daily_budget is not None
+                    or (quota.count_rate and quota.tpm is not None)
+                )
+            )
+        ):
+            # Checked against what the store holds: first this replica's answers that ended.
+            await self.ledger.caught_up()
         now = self.clock()
         day, day_end_ms = self._calendar.window(now)
         req = ReserveRequest(
-            provider=route.provider.name,
+            provider=provider.name,
             model=route.model,
             keys=specs,
-            strategy=route.provider.strategy,
+            strategy=provider.strategy,
             day=day,
             now_ms=to_ms(now),
             day_end_ms=day_end_ms,
-            client=self.policy.quota_for(client, route.provider),
+            client=quota,
+            budget=None if budget is None else to_nanos(budget),
         )
         try:
-            return await self.store.reserve(req)
+            outcome = await self.store.reserve(req)
+            if isinstance(outcome, Reservation) and quota is not None and quota.count_rate:
+                progress.rate_counted = True
+            return outcome
         except StoreError as exc:
             log.error("quota store unavailable: %s", exc)
             raise StoreUnavailable(
@@ -398,11 +432,19 @@ class Failover:
             return words.client_share(call.trace.client, shares[0])
         if progress.broken is not None:
             return words.upstream_unavailable(call.model, progress.broken, progress.blocked)
+        budgets = [b for b in progress.blocked if b.reason in _BUDGETS]
+        if budgets and not any(b.retry_at_ms is not None for b in progress.blocked):
+            # Nothing frees before the reset, and a budget stops the last route(s).
+            self.metrics.refusals.labels(call.trace.client, budgets[-1].reason).inc()
+            return words.budget_spent(call.trace.client, call.model, budgets[-1])
         if progress.blocked:
             return words.pool_exhausted(call.model, progress.blocked)
         if progress.unavailable >= routes:
             return words.not_served_anywhere(call.model)
         return words.upstream_failed(progress.last_failure, out_of_time=progress.remaining() <= 0)
+
+
+_BUDGETS = (Refusal.CLIENT_BUDGET, Refusal.PROVIDER_BUDGET)
 
 
 def _extra_headers(call: Call, secret: str) -> dict[str, str] | None:

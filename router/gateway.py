@@ -33,8 +33,10 @@ from router.errors import (
 )
 from router.failover import Served
 from router.metrics import Metrics
+from router.pricing import from_nanos
+from router.quota.days import to_ms
 from router.quota.store import QuotaStore, StoreError
-from router.quota.types import Reservation
+from router.quota.types import Reservation, UsageRecord
 from router.relay import relay_stream
 from router.runtime import Runtime
 from router.state import LIFECYCLE, LIVE
@@ -132,7 +134,7 @@ async def _serve(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> 
         raise
     finally:
         metrics.inflight.dec()
-        _record(metrics, trace)
+        _record(runtime, trace)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -188,8 +190,10 @@ async def _answer(
     return web.Response(status=reply.status, body=body, headers=headers)
 
 
-def _record(metrics: Metrics, trace: Trace) -> None:
-    """The request's metrics and its access-log line."""
+def _record(runtime: Runtime, trace: Trace) -> None:
+    """The request's metrics, its usage and cost (to the store, through the ledger) and its
+    access-log line."""
+    metrics = runtime.metrics
     total = time.monotonic() - trace.started
     overhead = max(0.0, total - trace.upstream_s - trace.client_s)
     metrics.requests.labels(trace.client, trace.model, trace.provider, str(trace.status)).inc()
@@ -197,6 +201,8 @@ def _record(metrics: Metrics, trace: Trace) -> None:
     metrics.overhead.observe(overhead)
     if trace.usage is not None:
         _record_tokens(metrics, trace, trace.usage)
+        if trace.reservation is not None:
+            _record_usage(runtime, trace, trace.reservation, trace.usage)
     access_log.info(
         "%s %s %s -> %s/%s attempts=%d upstream=%.1fms total=%.1fms",
         trace.status,
@@ -229,6 +235,32 @@ def _record_tokens(metrics: Metrics, trace: Trace, usage: Usage) -> None:
             metrics.tokens.labels(trace.client, trace.provider, trace.model, kind).inc(tokens)
     if usage.estimated:
         metrics.tokens_estimated.labels(trace.client, trace.provider).inc()
+
+
+def _record_usage(runtime: Runtime, trace: Trace, res: Reservation, usage: Usage) -> None:
+    """The answer's tokens and cost, on the quota day its call was counted on."""
+    cost = runtime.prices.cost(res.provider, res.model, usage)
+    client = runtime.failover.policy.client(trace.client)
+    runtime.ledger.add(
+        UsageRecord(
+            day=res.day,
+            day_end_ms=res.day_end_ms,
+            client=trace.client,
+            provider=res.provider,
+            key=res.key,
+            model=res.model,
+            prompt=usage.prompt,
+            completion=usage.completion,
+            total=usage.total,
+            cost=cost,
+            at_ms=to_ms(runtime.clock()),
+            tpm=client is not None and client.tpm is not None,
+            estimated=usage.estimated,
+        )
+    )
+    if cost:
+        currency = runtime.prices.currency(res.provider)
+        runtime.metrics.cost.labels(trace.client, res.provider, currency).inc(from_nanos(cost))
 
 
 # -- image tasks: created by a call, polled at the key that created them ---------------------

@@ -33,6 +33,7 @@ class KeyPool:
                     fingerprint=self._fingerprints[provider.name, key.name],
                     daily_limit=provider.key_daily_limit(key),
                     model_limit=provider.key_model_limit(key, model),
+                    rpm=provider.key_rpm(key),
                 )
                 for key in provider.keys
             )
@@ -48,6 +49,7 @@ class KeyPool:
                 fingerprint=self._fingerprints[provider.name, key.name],
                 daily_limit=provider.key_daily_limit(key),
                 model_limit=provider.default_model_limit(key),
+                rpm=provider.key_rpm(key),
             )
             for key in provider.keys
         )

@@ -21,17 +21,24 @@ from router.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from router.pricing import from_nanos
 from router.quota.days import next_reset, to_ms
-from router.quota.types import NoCapacity
+from router.quota.types import NoCapacity, Refusal
 from router.routing import Route
 
 
 class Refusals:
     """The refusals of one configuration: reset times are told in its quota timezone."""
 
-    def __init__(self, quota: QuotaSettings, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        quota: QuotaSettings,
+        clock: Callable[[], datetime],
+        currency: Callable[[str | None], str] = lambda _: "CNY",
+    ) -> None:
         self.quota = quota
         self.clock = clock
+        self.currency = currency  # a provider's currency; None: the client budgets' one
 
     # -- before any upstream: the client's rules and the model ------------------------------
 
@@ -81,6 +88,49 @@ class Refusals:
             f"{refusal.client_limit} calls; it resets at {reset_text}.",
             retry_after_s=wait,
             code="client_daily_limit",
+        )
+
+    def client_refusal(self, client: str, refusal: NoCapacity) -> PoolExhausted:
+        """A refusal that holds on every route: the client's daily calls or tokens, or its
+        requests or tokens per minute."""
+        reason, limit = refusal.reason, refusal.client_limit
+        if reason is Refusal.CLIENT_LIMIT:
+            return self.client_limit(client, refusal)
+        if reason is Refusal.CLIENT_TOKENS:
+            reset_text, wait = self._reset_text()
+            return PoolExhausted(
+                f"The client '{client}' has used its daily limit of {limit} tokens; "
+                f"it resets at {reset_text}.",
+                retry_after_s=wait,
+                code="client_daily_tokens",
+            )
+        what = "requests" if reason is Refusal.CLIENT_RPM else "tokens"
+        now_ms = to_ms(self.clock())
+        wait = ((refusal.retry_at_ms or now_ms + 1000) - now_ms) / 1000
+        return PoolExhausted(
+            f"The client '{client}' is over its limit of {limit} {what} per minute; "
+            f"retry in {max(1, math.ceil(wait))} s.",
+            retry_after_s=wait,
+            code="rate_limited",
+        )
+
+    def budget_spent(self, client: str, model: str, refusal: NoCapacity) -> PoolExhausted:
+        """Every route left is stopped by a budget: the provider's, or the client's."""
+        reset_text, wait = self._reset_text()
+        limit = refusal.client_limit or 0
+        if refusal.reason is Refusal.PROVIDER_BUDGET:
+            money = f"{from_nanos(limit):.2f} {self.currency(refusal.provider)}"
+            whose = f"The paid provider '{refusal.provider}' has spent its daily budget of {money}"
+            code = "provider_budget_exhausted"
+        else:
+            money = f"{from_nanos(limit):.2f} {self.currency(None)}"
+            whose = f"The client '{client}' has spent its daily budget of {money}"
+            code = "client_budget_exhausted"
+        return PoolExhausted(
+            f"{whose}, and no other route can serve '{model}' now. "
+            f"The budget resets at {reset_text}.",
+            retry_after_s=wait,
+            code=code,
         )
 
     def client_share(self, client: str, refusal: NoCapacity) -> PoolExhausted:

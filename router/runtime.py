@@ -16,8 +16,10 @@ from router.auth import ClientAuth
 from router.catalog import Catalog
 from router.config import Settings
 from router.failover import Failover
+from router.ledger import Ledger
 from router.metrics import Metrics
 from router.pool import KeyPool
+from router.pricing import Prices
 from router.quota.resilient_store import ResilientStore
 from router.quota.store import QuotaStore
 from router.quota_metrics import QuotaReporter
@@ -41,12 +43,15 @@ class Runtime:
         metrics: Metrics,
         clock: Callable[[], datetime],
         *,
+        ledger: Ledger | None = None,
         previous: Runtime | None = None,
     ) -> None:
         self.settings = settings
         self.store = store  # the app's: outlives this runtime
         self.metrics = metrics  # the app's too
         self.clock = clock
+        self.ledger = ledger if ledger is not None else Ledger(store)  # the app's, when given
+        self.prices = Prices(settings)
         self.auth = ClientAuth(settings.clients)
         self.routes = RouteTable(settings)
         self.pool = KeyPool(settings)
@@ -55,7 +60,15 @@ class Runtime:
             self.catalog.inherit(previous.catalog)
         self.upstreams = Upstreams(settings.providers)
         self.failover = Failover(
-            settings, store, self.upstreams, self.pool, self.catalog, self.routes, metrics, clock
+            settings,
+            store,
+            self.upstreams,
+            self.pool,
+            self.catalog,
+            self.routes,
+            metrics,
+            clock,
+            self.ledger,
         )
         self.reporter = QuotaReporter(
             settings, self.store, self.pool, metrics, clock, self.known_models

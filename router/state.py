@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from router.config import ConfigError, Settings, load_settings
+from router.ledger import Ledger
 from router.metrics import Metrics
 from router.quota.store import QuotaStore
 from router.runtime import Runtime
@@ -47,6 +48,10 @@ class InFlight:
         self.tasks.discard(task)
         if not self.tasks:
             self._idle.set()
+
+    async def idle(self) -> None:
+        """Wait until no handler runs (tests: every request's last step, usage included)."""
+        await self._idle.wait()
 
     async def finish(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for every handler; cancel those still running."""
@@ -90,7 +95,14 @@ class Live:
                 settings = load_settings(path)
             _warn_about_restart_only_changes(self.app[SETTINGS], settings)
             old = self.runtime
-            new = Runtime(settings, self.app[STORE], self.app[METRICS], old.clock, previous=old)
+            new = Runtime(
+                settings,
+                self.app[STORE],
+                self.app[METRICS],
+                old.clock,
+                ledger=self.app[LEDGER],
+                previous=old,
+            )
             await new.start(fetch_catalog=self.fetch_catalog)
             self.runtime = new
             task = asyncio.create_task(old.stop(RELOAD_GRACE_SECONDS))
@@ -124,6 +136,7 @@ def _warn_about_restart_only_changes(running: Settings, new: Settings) -> None:
 
 SETTINGS = web.AppKey("settings", Settings)  # as started: server and store settings
 STORE = web.AppKey("store", QuotaStore)
+LEDGER = web.AppKey("ledger", Ledger)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG_PATH = web.AppKey("config_path", Path)
 INFLIGHT = web.AppKey("inflight", InFlight)

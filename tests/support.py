@@ -16,11 +16,14 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.app import create_app
 from router.config import Settings
 from router.demo import running
+from router.quota.store import QuotaStore
+from router.state import INFLIGHT, LEDGER
 from tests.conftest import GatewayClock
 
 #: The gateway tests' clock under its former name (tests/test_store_faults.py imports it).
@@ -83,12 +86,32 @@ async def gateway(
     config: dict[str, Any], clock: Callable[[], datetime] | None = None
 ) -> AsyncIterator[str]:
     """The gateway in this process on a free port; yields the base URL (without /v1)."""
+    async with gateway_app(config, clock) as (url, _):
+        yield url
+
+
+@asynccontextmanager
+async def gateway_app(
+    config: dict[str, Any],
+    clock: Callable[[], datetime] | None = None,
+    store: QuotaStore | None = None,
+) -> AsyncIterator[tuple[str, web.Application]]:
+    """The gateway in this process on a free port (on ``store`` when given, left open); yields
+    the base URL (without /v1) and the app."""
     settings = Settings.model_validate(config)
-    kwargs: dict[str, Any] = {"registry": CollectorRegistry()}
+    kwargs: dict[str, Any] = {"registry": CollectorRegistry(), "store": store}
     if clock is not None:
         kwargs["clock"] = clock
-    async with running(create_app(settings, **kwargs)) as url:
-        yield url
+    app = create_app(settings, **kwargs)
+    async with running(app) as url:
+        yield url, app
+
+
+async def recorded(app: web.Application) -> None:
+    """Wait until every request has ended and its usage is in the store (router.ledger): a
+    stream's client has its last byte before its handler records the usage."""
+    await app[INFLIGHT].idle()
+    await app[LEDGER].caught_up()
 
 
 class GatewayProcess:

@@ -22,6 +22,7 @@ from router.pool import KeyPool
 from router.quota.days import quota_day, to_ms
 from router.quota.redis_store import RedisStore
 from router.simulator import Simulator
+from router.state import LEDGER
 from tests.conftest import MODEL, TOKENS, GatewayClock, sim_config
 from tests.redis_server import RedisServer
 from tests.support import CLIENT_KEY, gateway_config
@@ -70,13 +71,22 @@ async def test_the_gateway_counts_every_call_once_with_one_round_trip_each(
                     ) as response:
                         assert response.status == 200, await response.text()
 
+                async def batches() -> int:
+                    await app[LEDGER].caught_up()
+                    marks = admin.scan_iter(f"{{{prefix}}}:usage-batch:*")
+                    return len([mark async for mark in marks])
+
                 await ask()  # warm: the script loaded
+                batches_before = await batches()
                 before = await _eval_calls(admin)
                 for _ in range(20):
                     await ask()
                 # one reservation per request, and no settle: the upstream's remaining headers
-                # never say less than the store counted
-                assert await _eval_calls(admin) - before == 20
+                # never say less than the store counted; the answers' usage in batches of its
+                # own (router.ledger), each marked once in Redis
+                written = await batches() - batches_before
+                assert 1 <= written <= 20
+                assert await _eval_calls(admin) - before == 20 + written
                 served = sim.state.stats("modelscope")["by_token"]
                 simulated = {n: t["used"] for n, t in served.items()}  # type: ignore[attr-defined]
                 assert await counted() == simulated

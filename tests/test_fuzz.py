@@ -643,8 +643,9 @@ def check(client: Client, case: Case) -> None:
         assert secret not in str(reply.headers)
     upstream = "x-router-provider" in reply.headers
     if reply.status >= 400 and case.method != "HEAD" and not upstream:
-        # every error on /v1/messages is in Anthropic's shape, its 405s too
-        anthropic = case.path == "/v1/messages"
+        # every error on /v1/messages is in Anthropic's shape, its 405s too; a CONNECT's target
+        # is an authority, not a path (aiohttp hands the gateway the path ".")
+        anthropic = case.path == "/v1/messages" and case.method != "CONNECT"
         gateway_shaped = is_gateway_error(reply.body, anthropic=anthropic)
         if not case.malformed():
             assert gateway_shaped, (reply.status, reply.headers, reply.body[:300])

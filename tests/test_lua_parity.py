@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -61,6 +62,7 @@ class DayState:
     fields: dict[str, str]
     disabled: dict[str, str]
     clients: dict[str, str]  # the clients day map
+    rates: dict[str, str] = dataclasses.field(default_factory=dict)  # per-minute windows
 
 
 # The values the config accepts (router/config.py), edges first: a limit is None (no cap) or
@@ -112,6 +114,16 @@ def _draw_key_fields(draw: st.DrawFn, spec: KeySpec, fields: dict[str, str]) -> 
         _put(fields, k.model_cooling_field(name, model), cooldown())
 
 
+NOW_S = NOW // 1000
+# A per-minute window: seconds on and next to its edges (now - 60 is in, now - 61 is out).
+window_seconds = st.sampled_from([NOW_S - 61, NOW_S - 60, NOW_S - 59, NOW_S - 1, NOW_S, NOW_S + 1])
+windows = st.lists(
+    st.tuples(window_seconds | st.integers(NOW_S - 70, NOW_S + 2), st.integers(1, 4)),
+    max_size=4,
+).map(lambda buckets: ",".join(f"{s}:{n}" for s, n in buckets) or None)
+key_rpms = st.none() | st.integers(1, 6)
+
+
 def _copy_key(fields: dict[str, str], source: str, name: str) -> None:
     """Give ``name`` the same fields as ``source``: twins make ties, which decide the order."""
     for field, value in list(fields.items()):
@@ -127,6 +139,7 @@ def day_states(draw: st.DrawFn, capped: bool = False) -> DayState:
     specs: list[KeySpec] = []
     fields: dict[str, str] = {}
     disabled: dict[str, str] = {}
+    rates: dict[str, str] = {}
     key_limits = capped_limits if capped else draw(st.sampled_from([limits, capped_limits]))
     for i in range(draw(st.integers(1, 6))):
         name = f"key-{i}.x_"
@@ -134,11 +147,15 @@ def day_states(draw: st.DrawFn, capped: bool = False) -> DayState:
         twin_of_previous = draw(st.booleans())
         if specs and twin_of_previous:
             twin = specs[-1]
-            specs.append(KeySpec(name, fingerprint, twin.daily_limit, twin.model_limit))
+            specs.append(KeySpec(name, fingerprint, twin.daily_limit, twin.model_limit, twin.rpm))
             _copy_key(fields, twin.name, name)
+            twin_rate = rates.get(k.key_rpm_field(PROVIDER, twin.name))
+            _put(rates, k.key_rpm_field(PROVIDER, name), twin_rate)
         else:
-            specs.append(KeySpec(name, fingerprint, draw(key_limits), draw(limits)))
+            rpm = draw(key_rpms)
+            specs.append(KeySpec(name, fingerprint, draw(key_limits), draw(limits), rpm))
             _draw_key_fields(draw, specs[-1], fields)
+            _put(rates, k.key_rpm_field(PROVIDER, name), draw(windows))
         if draw(st.integers(0, 5)) == 0:
             record = draw(st.sampled_from(FINGERPRINTS))
             disabled[name] = logic.disabled_record(record, "401")
@@ -146,7 +163,10 @@ def day_states(draw: st.DrawFn, capped: bool = False) -> DayState:
     _put(fields, k.CURSOR_FIELD, None if cursor < 0 else cursor)
     clients: dict[str, str] = {}
     _draw_client_fields(draw, fields, clients)
-    return DayState(tuple(specs), fields, disabled, clients)
+    for name in (*CLIENTS, STRANGER):
+        _put(rates, k.client_rpm_field(name), draw(windows))
+        _put(rates, k.client_tpm_field(name), draw(windows))
+    return DayState(tuple(specs), fields, disabled, clients, rates)
 
 
 def _draw_client_fields(draw: st.DrawFn, fields: dict[str, str], clients: dict[str, str]) -> None:
@@ -160,6 +180,14 @@ def _draw_client_fields(draw: st.DrawFn, fields: dict[str, str], clients: dict[s
         _put(clients, k.client_used_field(name), draw(st.none() | st.integers(0, 6) | big_counts))
         _put(clients, k.client_free_used_field(name), draw(st.none() | st.integers(0, 6)))
         _put(clients, k.client_seen_field(name), draw(st.none() | seen_times))
+        _put(clients, k.client_tokens_field(name), draw(st.none() | money))
+        _put(clients, k.client_cost_field(name), draw(st.none() | money))
+    _put(fields, k.COST_FIELD, draw(st.none() | money))
+
+
+# Tokens and money (nanos): small, and on and next to the limits drawn below.
+money = st.integers(0, 12) | st.sampled_from([10**12 - 1, 10**12, 10**12 + 1])
+money_limits = st.none() | st.integers(0, 12) | st.just(10**12)
 
 
 WIDEST_MS = MAX_ACTIVE_WINDOW_SECONDS * 1000
@@ -185,17 +213,27 @@ fair_shares = st.builds(
     active_window_ms=st.none() | st.sampled_from(WINDOWS_MS),
 )
 client_limits = st.none() | st.integers(0, 7) | st.sampled_from([BIG - 1, BIG])
+per_minute = st.none() | st.integers(1, 8)
+limits_of_clients: dict[str, Any] = {
+    "daily_tokens": money_limits,
+    "daily_budget": money_limits,
+    "rpm": per_minute,
+    "tpm": per_minute,
+    "count_rate": st.booleans(),
+}
 free_clients = st.builds(
     ClientQuota,
     name=st.sampled_from((*CLIENTS, STRANGER)),
     daily_limit=st.none() | client_limits,
     fair_share=fair_shares,
+    **limits_of_clients,
 )
 paid_clients = st.builds(
     ClientQuota,
     name=st.sampled_from((*CLIENTS, STRANGER)),
     daily_limit=client_limits,
     fair_share=st.none(),
+    **limits_of_clients,
 )
 client_quotas = st.one_of(st.none(), paid_clients, free_clients)
 # Half the cases: a free client on an all-capped pool, where the fair share decides most.
@@ -223,6 +261,11 @@ settlements = st.builds(
 )
 
 
+def replace_count(client: ClientQuota) -> ClientQuota:
+    """The same client on a later attempt of its request: rpm and tpm are not checked again."""
+    return dataclasses.replace(client, count_rate=False)
+
+
 class Lua:
     """Runs the Redis store's scripts on given maps, on its own event loop."""
 
@@ -235,6 +278,7 @@ class Lua:
             k.day_key(self.prefix, PROVIDER, DAY),
             k.disabled_key(self.prefix, PROVIDER),
             k.clients_key(self.prefix, DAY),
+            k.rates_key(self.prefix),
         )
 
     def load(self, state: DayState) -> None:
@@ -243,7 +287,7 @@ class Lua:
         self.admin.delete(*self.keys)
         self.admin.incr(k.epoch_key(self.prefix, PROVIDER))
         for key, fields in zip(
-            self.keys, (state.fields, state.disabled, state.clients), strict=True
+            self.keys, (state.fields, state.disabled, state.clients, state.rates), strict=True
         ):
             if fields:
                 self.admin.hset(key, items=list(chain(*fields.items())))
@@ -252,7 +296,7 @@ class Lua:
         return self.loop.run_until_complete(call(self.store))
 
     def maps(self) -> tuple[dict[str, str], ...]:
-        """The day map, the disabled map and the clients day map, as they are now."""
+        """The day map, the disabled map, the clients day map and the rates, as they are now."""
         return tuple(
             {str(f): str(v) for f, v in self.admin.hgetall(key).items()} for key in self.keys
         )
@@ -333,6 +377,31 @@ RESERVE_EDGES = [
     ),
     (_state(("fs", BIG), ("fu|bob.b", BIG - 1), limit=BIG), ClientQuota("bob.b", None, EXTREMES)),
 ]
+W = f"{NOW_S - 60}:2,{NOW_S - 1}:1,{NOW_S}:1"  # a window of 4 calls, 2 of them leave first
+LIMITED = ClientQuota("alice", None, None, daily_tokens=9, daily_budget=7, rpm=5, tpm=4)
+# (state, client, provider budget): each limit reached and one short of it, in turn
+LIMIT_EDGES = [
+    (_state(("$", 5)), None, 5),
+    (_state(("$", 4)), None, 5),
+    (_state(clients=(("tk|alice", 9),)), LIMITED, None),
+    (_state(clients=(("$|alice", 7),)), LIMITED, None),
+    (_state(clients=(("$|alice", 6), ("tk|alice", 8))), LIMITED, None),
+    (dataclasses.replace(_state(), rates={"r|alice": W + ",1:1"}), LIMITED, None),
+    (dataclasses.replace(_state(), rates={"t|alice": W}), LIMITED, None),
+    (dataclasses.replace(_state(), rates={"t|alice": W}), replace_count(LIMITED), None),
+    (dataclasses.replace(_state(), rates={"r|alice": W}), LIMITED, None),
+    (
+        DayState(
+            (KeySpec("k0", "fpA", None, None, 4), KeySpec("k1", "fpA", None, None, 5)),
+            {},
+            {},
+            {},
+            {"k|modelscope|k0": W, "k|modelscope|k1": W},
+        ),
+        None,
+        None,
+    ),
+]
 SETTLE_EDGES = [
     (_state(("c|k0", f"{NOW + 500}:3")), Settlement(cooldown=Cooldown("key", 10, 10, fixed=True))),
     (_state(("a|k0", "plain")), Settlement(exhaust="ambiguous")),
@@ -347,16 +416,21 @@ def test_reserve_lua_matches_reserve_on(lua: Lua) -> None:
         strategy=st.sampled_from(Strategy),
         model=st.sampled_from(MODELS),
         now=nows,
+        budget=money_limits,
     )
     def check(
-        case: tuple[DayState, ClientQuota | None], strategy: Strategy, model: str, now: int
+        case: tuple[DayState, ClientQuota | None],
+        strategy: Strategy,
+        model: str,
+        now: int,
+        budget: int | None,
     ) -> None:
         state, client = case
         req = ReserveRequest(
-            PROVIDER, model, state.specs, strategy, DAY, now, now + 3_600_000, client
+            PROVIDER, model, state.specs, strategy, DAY, now, now + 3_600_000, client, budget
         )
-        expected, changed, changed_clients = logic.reserve_on(
-            state.fields, state.disabled, state.clients, req
+        expected, changed, changed_clients, changed_rates = logic.reserve_on(
+            state.fields, state.disabled, state.clients, req, state.rates
         )
         lua.load(state)
         assert lua.run(lambda store: store.reserve(req)) == expected
@@ -364,11 +438,22 @@ def test_reserve_lua_matches_reserve_on(lua: Lua) -> None:
             {**state.fields, **changed},
             state.disabled,
             {**state.clients, **changed_clients},
+            {**state.rates, **changed_rates},
         )
 
     for state, client in RESERVE_EDGES:
         for strategy in Strategy:
-            check = example(case=(state, client), strategy=strategy, model="plain", now=NOW)(check)
+            check = example(
+                case=(state, client), strategy=strategy, model="plain", now=NOW, budget=None
+            )(check)
+    for state, client, budget in LIMIT_EDGES:
+        check = example(
+            case=(state, client),
+            strategy=Strategy.FILL_FIRST,
+            model="plain",
+            now=NOW,
+            budget=budget,
+        )(check)
     check()
 
 
@@ -426,6 +511,7 @@ def test_settle_lua_matches_settle_on(lua: Lua) -> None:
             {**state.fields, **changed},
             {**state.disabled, **changed_disabled},
             {**state.clients, **changed_clients},
+            state.rates,  # a settle leaves the per-minute windows alone
         )
 
     for state, settlement in SETTLE_EDGES:

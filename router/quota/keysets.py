@@ -20,7 +20,7 @@ class KeySet(NamedTuple):
     strategy: Strategy
     digest: str  # names the key set and its indexes: the entries and the strategy
     pool_stamp: str  # the names, fingerprints and daily limits: what the pool totals depend on
-    entries: dict[Any, str]  # position -> "name|fingerprint|daily_limit|model_limit", and "n"
+    entries: dict[Any, str]  # position -> "name|fingerprint|daily_limit|model_limit|rpm", "n"
 
 
 def _cap(limit: int | None) -> int:
@@ -34,7 +34,7 @@ def _digest(text: str) -> str:
 def keyset(keys: tuple[KeySpec, ...], strategy: Strategy) -> KeySet:
     entries: dict[Any, str] = {"n": str(len(keys))}
     for i, spec in enumerate(keys):
-        limits = f"{_cap(spec.daily_limit)}{k.SEP}{_cap(spec.model_limit)}"
+        limits = k.SEP.join(str(_cap(x)) for x in (spec.daily_limit, spec.model_limit, spec.rpm))
         entries[str(i)] = f"{spec.name}{k.SEP}{spec.fingerprint}{k.SEP}{limits}"
     digest = _digest("\n".join([strategy.value, *(entries[str(i)] for i in range(len(keys)))]))
     pool = "\n".join(f"{s.name}{k.SEP}{s.fingerprint}{k.SEP}{_cap(s.daily_limit)}" for s in keys)

@@ -151,7 +151,6 @@ class MemoryStore:
         fields = self._days.get((provider, day), {})
         for field in logic.key_fields(list(fields), key):
             del fields[field]
-        self._rates.pop(k.key_rpm_field(provider, key), None)
 
     async def client_usage(
         self,

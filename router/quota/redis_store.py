@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from router.quota import keys as k
-from router.quota import logic
+from router.quota import logic, spending
 from router.quota.days import wall_clock_ms
 from router.quota.keysets import KeySets
 from router.quota.store import StoreError
@@ -43,6 +43,8 @@ from router.quota.types import (
     ReserveRequest,
     Settlement,
     SettleResult,
+    UsageRecord,
+    UsageRow,
 )
 from router.quota.urls import SERVER_SCHEMES, mask_url, parse_redis_url, split_scheme
 
@@ -50,6 +52,8 @@ T = TypeVar("T")
 Client = Redis | RedisCluster
 
 DAY_MS = 86_400_000
+RATES_TTL_MS = 120_000  # the per-minute windows: a minute and a bit (reserve.lua too)
+USAGE_BATCH_TTL_MS = 3_600_000  # a usage batch is retried within seconds, never an hour later
 # Small enough that a hung Redis fails a request fast (503, or the local allowance with
 # store.on_error: fail_open), large enough for any script of ours on a loaded server. It bounds
 # every connect, and every call to one server as a whole; a call to a Cluster or a Sentinel
@@ -101,8 +105,11 @@ def _reserve_args(req: ReserveRequest, pool_stamp: str) -> list[str | int]:
     """The script's arguments: as many whatever the number of keys (the key set is in Redis)."""
     args: list[str | int] = [req.model, req.strategy.value, req.now_ms, req.day_end_ms, pool_stamp]
     client = req.client
+    args += [req.provider, _cap(req.budget)]
     if client is None:
-        return [*args, "", -1, 0, 0, -1, 0]
+        return [*args, -1, -1, -1, -1, 0, "", -1, 0, 0, -1, 0]
+    args += [_cap(client.daily_tokens), _cap(client.daily_budget), _cap(client.rpm)]
+    args += [_cap(client.tpm), int(client.count_rate)]
     fair = client.fair_share
     if fair is None:
         return [*args, client.name, _cap(client.daily_limit), 0, 0, -1, 0]
@@ -348,6 +355,7 @@ class RedisStore:
         self._reset_key_script = register(_lua("reset_key.lua"))
         self._heartbeat_script = register(_lua("heartbeat.lua"))
         self._writeback_script = register(_lua("writeback.lua"))
+        self._usage_script = register(_lua("usage.lua"))
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
@@ -431,6 +439,7 @@ class RedisStore:
             k.cooling_index_key(p, provider, day, ks.digest, req.model),
             k.epoch_key(p, provider),
             k.pool_key(p, provider, day),
+            k.rates_key(p),
         ]
         args = _reserve_args(req, ks.pool_stamp)
         reply = await self._io(lambda: self._reserve_script(keys=keys, args=args))
@@ -444,6 +453,43 @@ class RedisStore:
         args = _settle_args(res, settlement, now_ms)
         reply = await self._io(lambda: self._settle_script(keys=keys, args=args))
         return _settle_result(reply)
+
+    async def record_usage(self, token: str, records: Sequence[UsageRecord]) -> None:
+        """One script (lua/usage.lua), applied once per ``token``."""
+        if not records:
+            return
+        changes = spending.changes_of(records)
+        p = self._prefix
+        keys = [k.usage_batch_key(p, token), k.rates_key(p)]
+        maps: list[str | int] = []
+        now_ms = max(r.at_ms for r in records)
+        for day, c in changes.days.items():
+            # As reserve.lua: the maps live a day past the reset, a duration from our clock.
+            ttl = max(c.day_end_ms + DAY_MS - now_ms, DAY_MS)
+            targets = [
+                (k.usage_key(p, day), c.usage),
+                (k.clients_key(p, day), c.clients),
+                *(
+                    (k.day_key(p, provider, day), {k.COST_FIELD: cost})
+                    for provider, cost in c.providers.items()
+                ),
+            ]
+            for key, increments in targets:
+                if increments:
+                    keys.append(key)
+                    maps += [ttl, len(increments)]
+                    for field, delta in increments.items():
+                        maps += [field, delta]
+        args: list[str | int] = [USAGE_BATCH_TTL_MS, RATES_TTL_MS, len(keys) - 2, *maps]
+        tpm = [(client, at, n) for client, added in changes.tpm.items() for at, n in added]
+        args.append(len(tpm))
+        for client, at_ms, tokens in tpm:
+            args += [k.client_tpm_field(client), at_ms, tokens]
+        await self._io(lambda: self._usage_script(keys=keys, args=args))
+
+    async def usage(self, day: str) -> list[UsageRow]:
+        fields = await self._io(lambda: self._client.hgetall(k.usage_key(self._prefix, day)))
+        return spending.rows_of({_text(f): _text(v) for f, v in fields.items()})
 
     async def snapshot(
         self,

@@ -9,8 +9,9 @@ choice from an index kept in Redis (see its header), so its cost does not grow w
   the key's, whichever is smaller; a key with no cap has 2**53 minus its calls), ties to the
   first in config order. Each call lowers the chosen key's figure, so equal keys take turns.
 
-Available: not disabled, not exhausted, under both limits, not cooling and under its rpm. Every strategy
-counts the same way and never passes a limit; they differ only in which key goes first.
+Available: not disabled, not exhausted, under both limits, not cooling and under its rpm.
+Every strategy counts the same way and never passes a limit; they differ only in which key
+goes first.
 """
 
 from __future__ import annotations

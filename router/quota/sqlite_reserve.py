@@ -19,6 +19,7 @@ from router.quota import logic
 from router.quota.keysets import KeySet
 from router.quota.selection import KeyView
 from router.quota.types import (
+    KeySpec,
     NoCapacity,
     Refusal,
     Reservation,
@@ -59,9 +60,14 @@ CREATE TABLE IF NOT EXISTS quota_pool (
     remaining INTEGER,
     PRIMARY KEY (provider, day)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quota_rate (   -- the per-minute windows (router/quota/rates.py)
+    field TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
 DAY_TABLES = ("quota_index", "quota_index_built", "quota_pool")  # purged with old days
 LIVE, COOL = 0, 1
+Fields = dict[str, str]
 _FAR = float(2**60)  # above every score
 
 
@@ -149,9 +155,9 @@ def reserve(
     req: ReserveRequest,
     ks: KeySet,
     load: Callable[[], tuple[dict[str, str], dict[str, str]]],
-) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str]]:
+) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str], Fields]:
     """reserve.lua's steps on SQLite. Returns the outcome and the fields to write to the day
-    map and to the clients day map (the index and the pool totals are written here).
+    map, the clients day map and the rates (the index and the pool totals are written here).
     ``load`` reads the whole day map and disabled map (for a build)."""
     return _Reserve(conn, req, ks, load).run()
 
@@ -173,20 +179,27 @@ class _Reserve:
         self.changed: dict[str, str] = {}
         self.whole: tuple[dict[str, str], dict[str, str]] | None = None
         self.epoch = 0
+        self.rates: dict[str, str] = {}  # the per-minute windows read so far
 
-    def run(self) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str]]:
-        req, client = self.req, self.req.client
-        if client is not None and logic.over_limit(self.clients, client):  # (a)
-            limit = client.daily_limit
-            return NoCapacity(req.provider, req.model, None, Refusal.CLIENT_LIMIT, limit), {}, {}
+    def run(self) -> tuple[Reservation | NoCapacity, dict[str, str], dict[str, str], Fields]:
+        req = self.req
+        cost = self.day_value(k.COST_FIELD)
+        day = {} if cost is None else {k.COST_FIELD: cost}
+        client = req.client
+        if client is not None and client.count_rate:
+            for field in (k.client_rpm_field(client.name), k.client_tpm_field(client.name)):
+                self.rate(field)
+        refusal = logic.refusal_before(day, self.clients, self.rates, req)  # (a)
+        if refusal is not None:
+            return refusal, {}, {}, {}
         self.build()  # (b)
         over_share, fair_counted = self.fair_share()  # (c)
         picked, retry_at = self.select()  # (d)
         if picked is None:
-            return NoCapacity(req.provider, req.model, retry_at), self.changed, {}
+            return NoCapacity(req.provider, req.model, retry_at), self.changed, {}, {}
         if over_share is not None:
             refusal = NoCapacity(req.provider, req.model, None, Refusal.CLIENT_SHARE, over_share)
-            return refusal, self.changed, {}
+            return refusal, self.changed, {}, {}
         return self.count(*picked, fair_counted)  # (e)
 
     # -- reading --------------------------------------------------------------------------
@@ -198,6 +211,19 @@ class _Reserve:
             (self.req.provider, self.req.day, field),
         )
         return None if value is None else str(value)
+
+    def rate(self, field: str) -> str | None:
+        if field not in self.rates:
+            value = _get(self.conn, "SELECT value FROM quota_rate WHERE field = ?", (field,))
+            if value is None:
+                return None
+            self.rates[field] = str(value)
+        return self.rates[field]
+
+    def key_rate(self, spec: KeySpec) -> str | None:
+        if spec.rpm is None:
+            return None
+        return self.rate(k.key_rpm_field(self.req.provider, spec.name))
 
     def view(self, i: int) -> KeyView:
         spec, model = self.req.keys[i], self.req.model
@@ -216,7 +242,7 @@ class _Reserve:
             (self.req.provider, spec.name),
         )
         disabled = {} if record is None else {spec.name: str(record)}
-        return logic.key_view(fields, disabled, spec, model)
+        return logic.key_view(fields, disabled, spec, model, self.key_rate(spec), self.req.now_ms)
 
     def score(self, i: int, v: KeyView) -> float:
         return float(-v.remaining() if self.req.strategy is Strategy.MOST_REMAINING else i)
@@ -252,7 +278,8 @@ class _Reserve:
             fields, disabled = self.whole_day()
             self.index.clear()
             for i, spec in enumerate(req.keys):
-                v = logic.key_view(fields, disabled, spec, req.model)
+                rate = self.key_rate(spec)
+                v = logic.key_view(fields, disabled, spec, req.model, rate, req.now_ms)
                 if not _dead(v):
                     self.place(i, v)
             self.index.mark(self.epoch)
@@ -342,7 +369,7 @@ class _Reserve:
 
     def count(
         self, best: int, v: KeyView, fair_counted: bool
-    ) -> tuple[Reservation, dict[str, str], dict[str, str]]:
+    ) -> tuple[Reservation, dict[str, str], dict[str, str], Fields]:
         req, client, changed = self.req, self.req.client, self.changed
         spec = req.keys[best]
         changed[k.used_field(spec.name)] = str(v.used + 1)
@@ -358,8 +385,10 @@ class _Reserve:
             if fair_counted:
                 field = k.fair_used_field(client.name)
                 changed[field] = str(int(self.clients[field]) + 1)
+        changed_rates: dict[str, str] = {}
+        logic.count_rates(self.rates, req, spec, changed_rates)
         outcome = logic.reservation_for(req, best, v.used + 1, v.model_used + 1, fair_counted)
-        return outcome, changed, changed_clients
+        return outcome, changed, changed_clients, changed_rates
 
 
 def _day_fields(
@@ -384,6 +413,8 @@ def _client_fields(conn: sqlite3.Connection, day: str, req: ReserveRequest) -> d
         k.client_used_field(client.name),
         k.client_free_used_field(client.name),
         k.client_seen_field(client.name),
+        k.client_tokens_field(client.name),
+        k.client_cost_field(client.name),
     ]
     if client.fair_share is not None:
         names += [k.client_seen_field(name) for name, _ in client.fair_share.weights]

@@ -13,7 +13,7 @@ from functools import partial
 from typing import TypeVar
 
 from router.quota import keys as k
-from router.quota import logic, sqlite_reserve
+from router.quota import logic, rates, spending, sqlite_reserve
 from router.quota.days import wall_clock_ms
 from router.quota.keysets import KeySet, KeySets
 from router.quota.store import StoreError
@@ -27,9 +27,12 @@ from router.quota.types import (
     ReserveRequest,
     Settlement,
     SettleResult,
+    UsageRecord,
+    UsageRow,
 )
 
 T = TypeVar("T")
+USAGE_BATCH_TTL_MS = 3_600_000  # a usage batch is retried within seconds, never an hour later
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS quota_day (
@@ -57,6 +60,16 @@ CREATE TABLE IF NOT EXISTS quota_task (
     expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS quota_task_expiry ON quota_task (expires_ms);
+CREATE TABLE IF NOT EXISTS quota_usage (      -- router/quota/spending.py
+    day TEXT NOT NULL,
+    field TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (day, field)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quota_usage_batch (  -- usage batches already added
+    token TEXT NOT NULL PRIMARY KEY,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 _UPSERT_DAY = (
@@ -70,6 +83,14 @@ _UPSERT_DISABLED = (
 _UPSERT_CLIENT = (
     "INSERT INTO quota_client (day, field, value) VALUES (?, ?, ?) "
     "ON CONFLICT (day, field) DO UPDATE SET value = excluded.value"
+)
+_UPSERT_RATE = (
+    "INSERT INTO quota_rate (field, value) VALUES (?, ?) "
+    "ON CONFLICT (field) DO UPDATE SET value = excluded.value"
+)
+_ADD_USAGE = (
+    "INSERT INTO quota_usage (day, field, value) VALUES (?, ?, ?) "
+    "ON CONFLICT (day, field) DO UPDATE SET value = value + excluded.value"
 )
 _UPSERT_TASK = (
     "INSERT INTO quota_task (task_id, value, expires_ms) VALUES (?, ?, ?) "
@@ -96,10 +117,12 @@ def _connect(path: str, busy_timeout_ms: int, retain_days: int, now_ms: int) -> 
             if newest is not None:
                 newest_day = datetime.strptime(newest, "%Y%m%d")
                 cutoff = (newest_day - timedelta(days=retain_days)).strftime("%Y%m%d")
-                for table in ("quota_day", "quota_client", *sqlite_reserve.DAY_TABLES):
+                tables = ("quota_day", "quota_client", "quota_usage", *sqlite_reserve.DAY_TABLES)
+                for table in tables:
                     # The table names are this module's constants.
                     conn.execute(f"DELETE FROM {table} WHERE day < ?", (cutoff,))  # noqa: S608
             conn.execute("DELETE FROM quota_task WHERE expires_ms <= ?", (now_ms,))
+            conn.execute("DELETE FROM quota_usage_batch WHERE expires_ms <= ?", (now_ms,))
     except BaseException:
         conn.close()
         raise
@@ -149,11 +172,48 @@ def _write(
 
 def _reserve(conn: sqlite3.Connection, req: ReserveRequest, ks: KeySet) -> Reservation | NoCapacity:
     with _immediate(conn):
-        outcome, changed, changed_clients = sqlite_reserve.reserve(
+        outcome, changed, changed_clients, changed_rates = sqlite_reserve.reserve(
             conn, req, ks, partial(_load, conn, req.provider, req.day)
         )
         _write(conn, req.provider, req.day, changed, {}, changed_clients)
+        conn.executemany(_UPSERT_RATE, list(changed_rates.items()))
     return outcome
+
+
+def _record_usage(
+    conn: sqlite3.Connection, token: str, records: Sequence[UsageRecord], ttl_ms: int
+) -> None:
+    changes = spending.changes_of(records)
+    now_ms = max(r.at_ms for r in records)
+    with _immediate(conn):
+        row = conn.execute("SELECT 1 FROM quota_usage_batch WHERE token = ?", (token,)).fetchone()
+        if row is not None:
+            return
+        conn.execute("INSERT INTO quota_usage_batch VALUES (?, ?)", (token, now_ms + ttl_ms))
+        for day, c in changes.days.items():
+            conn.executemany(_ADD_USAGE, [(day, f, n) for f, n in c.usage.items()])
+            clients = _load_clients(conn, day)
+            _write(conn, "", day, {}, {}, spending.add_to(clients, c.clients))
+            for provider, cost in c.providers.items():
+                (value,) = conn.execute(
+                    "SELECT coalesce(max(value), '0') FROM quota_day "
+                    "WHERE provider = ? AND day = ? AND field = ?",
+                    (provider, day, k.COST_FIELD),
+                ).fetchone()
+                conn.execute(_UPSERT_DAY, (provider, day, k.COST_FIELD, str(int(value) + cost)))
+        for client, added in changes.tpm.items():
+            field = k.client_tpm_field(client)
+            for at_ms, tokens in added:
+                raw = conn.execute(
+                    "SELECT value FROM quota_rate WHERE field = ?", (field,)
+                ).fetchone()
+                kept, _ = rates.window(None if raw is None else raw[0], at_ms)
+                conn.execute(_UPSERT_RATE, (field, rates.add(kept, at_ms, tokens)))
+
+
+def _read_usage(conn: sqlite3.Connection, day: str) -> list[UsageRow]:
+    rows = conn.execute("SELECT field, value FROM quota_usage WHERE day = ?", (day,))
+    return spending.rows_of({field: str(value) for field, value in rows.fetchall()})
 
 
 def _settle(
@@ -294,6 +354,14 @@ class SqliteStore:
 
     async def settle(self, res: Reservation, settlement: Settlement, now_ms: int) -> SettleResult:
         return await self._run(partial(_settle, self._conn, res, settlement, now_ms))
+
+    async def record_usage(self, token: str, records: Sequence[UsageRecord]) -> None:
+        if records:
+            ttl = USAGE_BATCH_TTL_MS
+            await self._run(partial(_record_usage, self._conn, token, list(records), ttl))
+
+    async def usage(self, day: str) -> list[UsageRow]:
+        return await self._run(partial(_read_usage, self._conn, day))
 
     async def snapshot(
         self,

@@ -4,14 +4,17 @@
 -- same with 2 or 2,000 keys. Keep them in step (tests/test_lua_parity.py checks both ways).
 --
 -- KEYS[1] day map, KEYS[2] disabled map, KEYS[3] clients day map, KEYS[4] key set,
--- KEYS[5] available index, KEYS[6] cooling index, KEYS[7] epoch, KEYS[8] pool totals
--- (router/quota/keys.py; one hash tag: one Cluster slot).
+-- KEYS[5] available index, KEYS[6] cooling index, KEYS[7] epoch, KEYS[8] pool totals,
+-- KEYS[9] the per-minute windows (router/quota/keys.py; one hash tag: one Cluster slot).
 -- ARGV[1] model, ARGV[2] strategy, ARGV[3] now_ms, ARGV[4] day_end_ms, ARGV[5] pool stamp
--- (a digest of the key set's names, fingerprints and daily limits), then the client: name
--- ('' = none), daily_limit (-1 = no cap), fair share (0|1), below, active_window_ms (-1 =
--- every client counts), m, then m pairs (client, weight).
+-- (a digest of the key set's names, fingerprints and daily limits), ARGV[6] provider,
+-- ARGV[7] the provider's daily budget (nanos; -1 = none), then the client's daily_tokens,
+-- daily_budget, rpm, tpm (-1 = none each) and count_rate (0|1) (ARGV[8..12]), then the
+-- client: name ('' = none), daily_limit (-1 = no cap), fair share (0|1), below,
+-- active_window_ms (-1 = every client counts), m, then m pairs (client, weight).
 -- Returns {1, index (0-based), used_after, model_used_after, fair_counted (0|1)}
---      or {0, reason (keys | client_limit | client_share), retry_at_ms (-1 = none),
+--      or {0, reason (keys | client_limit | client_share | client_tokens | client_rpm |
+--          client_tpm | client_budget | provider_budget), retry_at_ms (-1 = none),
 --          client_limit (-1 = none)}
 --      or {-1}: the key set is not in Redis (the caller stores it and asks again).
 -- Numbers are Lua doubles: exact for the integers used here (all below 2^53); the weights
@@ -38,12 +41,14 @@ local DEFAULT_WEIGHT = 1.0 -- logic.DEFAULT_WEIGHT
 local KEYSET_TTL_MS = 8 * 86400000 -- refreshed at every build
 local day_map, disabled_map, clients_map = KEYS[1], KEYS[2], KEYS[3]
 local keyset, live, cool, epoch_key, pool_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local rates = KEYS[9]
 local model = ARGV[1]
 local strategy = ARGV[2]
 local now_ms = tonumber(ARGV[3])
 local day_end_ms = tonumber(ARGV[4])
 local pool_stamp = ARGV[5]
-local c = 5 -- the client's arguments follow
+local provider = ARGV[6]
+local c = 12 -- the client's arguments follow
 
 local function cap(arg)
   local v = tonumber(arg)
@@ -65,24 +70,92 @@ local function count(map, field) return tonumber(redis.call('HGET', map, field) 
 local client = ARGV[c + 1]
 local client_limit = cap(ARGV[c + 2])
 local fair = client ~= '' and ARGV[c + 3] == '1'
+local count_rate = client ~= '' and ARGV[12] == '1'
+local client_rpm = cap(ARGV[10])
 
--- (a) the client's own daily limit: refused before anything is touched
-if client ~= '' and client_limit ~= nil and count(clients_map, 't|' .. client) >= client_limit then
-  return {0, 'client_limit', -1, client_limit}
+-- rates.py: a window is "second:count,..." over the seconds floor(now) - 60 .. floor(now)
+local function window(raw)
+  local since = math.floor(now_ms / 1000) - 60
+  local kept, total = {}, 0
+  for s, n in string.gmatch(raw or '', '(%-?%d+):(%d+)') do
+    s, n = tonumber(s), tonumber(n)
+    if s >= since then
+      kept[#kept + 1] = {s, n}
+      total = total + n
+    end
+  end
+  return kept, total
+end
+
+local function with_one_more(kept)
+  local second = math.floor(now_ms / 1000)
+  if #kept > 0 and kept[#kept][1] == second then
+    kept[#kept][2] = kept[#kept][2] + 1
+  else
+    kept[#kept + 1] = {second, 1}
+  end
+  local parts = {}
+  for i, b in ipairs(kept) do parts[i] = fmt(b[1]) .. ':' .. fmt(b[2]) end
+  return table.concat(parts, ',')
+end
+
+local function retry_at(kept, total, limit)
+  if total < limit then return nil end
+  local sorted = {}
+  for i, b in ipairs(kept) do sorted[i] = b end
+  table.sort(sorted, function(x, y) return x[1] < y[1] end)
+  local left = total
+  for _, b in ipairs(sorted) do
+    left = left - b[2]
+    if left < limit then return (b[1] + 61) * 1000 end
+  end
+  return nil
+end
+
+-- (a) logic.refusal_before: the client's daily calls, daily tokens, requests and tokens per
+-- minute (once per request), budget, then the provider's budget. Nothing is touched.
+if client ~= '' then
+  if client_limit ~= nil and count(clients_map, 't|' .. client) >= client_limit then
+    return {0, 'client_limit', -1, client_limit}
+  end
+  local tokens = cap(ARGV[8])
+  if tokens ~= nil and count(clients_map, 'tk|' .. client) >= tokens then
+    return {0, 'client_tokens', -1, tokens}
+  end
+  if count_rate then
+    for _, rate in ipairs({{'client_rpm', client_rpm, 'r|'}, {'client_tpm', cap(ARGV[11]), 't|'}}) do
+      local limit = rate[2]
+      if limit ~= nil then
+        local kept, total = window(redis.call('HGET', rates, rate[3] .. client))
+        if total >= limit then return {0, rate[1], retry_at(kept, total, limit) or -1, limit} end
+      end
+    end
+  end
+  local budget = cap(ARGV[9])
+  if budget ~= nil and count(clients_map, '$|' .. client) >= budget then
+    return {0, 'client_budget', -1, budget}
+  end
+end
+local provider_budget = cap(ARGV[7])
+if provider_budget ~= nil and count(day_map, '$') >= provider_budget then
+  return {0, 'provider_budget', -1, provider_budget}
 end
 
 local n = tonumber(redis.call('HGET', keyset, 'n') or '-1')
 if n < 0 then return {-1} end
 
--- A key set entry: "name|fingerprint|daily_limit|model_limit" (-1 = no cap).
+-- A key set entry: "name|fingerprint|daily_limit|model_limit|rpm" (-1 = no cap).
 local specs = {}
 local function spec(i)
   local s = specs[i]
   if s == nil then
     local raw = redis.call('HGET', keyset, fmt(i))
-    local name, fingerprint, limit, model_limit =
-      string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-    s = {name = name, fingerprint = fingerprint, limit = cap(limit), model_limit = cap(model_limit)}
+    local name, fingerprint, limit, model_limit, rpm =
+      string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    s = {
+      name = name, fingerprint = fingerprint, limit = cap(limit), model_limit = cap(model_limit),
+      rpm = cap(rpm),
+    }
     specs[i] = s
   end
   return s
@@ -100,6 +173,13 @@ local function fields_of(name)
     'c|' .. name, 'c|' .. name .. '|' .. model
 end
 
+-- rates.blocked_until: a key at its calls per minute cools until its window has room.
+local function rpm_until(s)
+  if s.rpm == nil then return nil end
+  local kept, total = window(redis.call('HGET', rates, 'k|' .. provider .. '|' .. s.name))
+  return retry_at(kept, total, s.rpm)
+end
+
 -- logic.key_view from the six day-map values of a key (got[at + 1 .. at + 6]) and its record.
 local function view_of(s, got, at, record)
   return {
@@ -113,6 +193,7 @@ local function view_of(s, got, at, record)
     model_cooling_until = until_of(got[at + 6]),
     -- Disabled only for the secret it was disabled with: "fingerprint|reason".
     disabled = record ~= false and string.match(record, '^[^|]*') == s.fingerprint,
+    rpm_until = rpm_until(s),
   }
 end
 
@@ -153,7 +234,8 @@ local function dead(k) return k.disabled or is_exhausted(k) end
 
 local function available_at(k)
   local at = nil
-  for _, u in ipairs({k.cooling_until or false, k.model_cooling_until or false}) do
+  for _, u in ipairs({k.cooling_until or false, k.model_cooling_until or false,
+                      k.rpm_until or false}) do
     if u and u > now_ms and (at == nil or u > at) then at = u end
   end
   return at
@@ -385,6 +467,15 @@ if at == stamp then
 elseif at then
   redis.call('DEL', pool_key)
 end
+-- logic.count_rates: the client's requests per minute (once per request), the key's calls
+local rate_fields = {}
+if count_rate and client_rpm ~= nil then rate_fields[#rate_fields + 1] = 'r|' .. client end
+if spec(best).rpm ~= nil then rate_fields[#rate_fields + 1] = 'k|' .. provider .. '|' .. name end
+for _, field in ipairs(rate_fields) do
+  local kept = window(redis.call('HGET', rates, field))
+  redis.call('HSET', rates, field, with_one_more(kept))
+end
+if #rate_fields > 0 then redis.call('PEXPIRE', rates, 120000) end -- a minute and a bit
 if client ~= '' then
   redis.call('HINCRBY', clients_map, 't|' .. client, 1)
   redis.call('HSET', clients_map, 's|' .. client, fmt(now_ms))
