@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -25,7 +26,13 @@ from router.quota.days import quota_day, to_ms
 from router.quota.store import StoreError
 from router.runtime import Runtime
 from router.state import LIVE
-from router.status import Document, clients_document, key_view, quota_document
+from router.status import (
+    Document,
+    clients_document,
+    key_view,
+    quota_document,
+    usage_document,
+)
 
 log = logging.getLogger("router.admin")
 
@@ -97,6 +104,23 @@ async def get_quota(request: web.Request, runtime: Runtime) -> Document:
 
 async def get_clients(request: web.Request, runtime: Runtime) -> Document:
     return await clients_document(runtime.settings, runtime.store, runtime.clock())
+
+
+async def get_usage(request: web.Request, runtime: Runtime) -> Document:
+    day = request.query.get("day")
+    if day is not None and not _is_day(day):
+        raise BadRequest("'day' must be a date written YYYYMMDD, such as 20261129.", param="day")
+    return await usage_document(runtime.settings, runtime.store, runtime.clock(), day)
+
+
+def _is_day(day: str) -> bool:
+    if len(day) != 8 or not day.isascii() or not day.isdigit():
+        return False
+    try:
+        datetime.strptime(day, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
 
 
 def _target(request: web.Request, runtime: Runtime) -> tuple[ProviderConfig, str]:
@@ -199,6 +223,7 @@ async def get_openapi(request: web.Request, runtime: Runtime) -> Document:
 ROUTES: tuple[tuple[str, str, AdminHandler], ...] = (
     ("GET", "/admin/quota", get_quota),
     ("GET", "/admin/clients", get_clients),
+    ("GET", "/admin/usage", get_usage),
     ("POST", "/admin/keys/{provider}/{key}/disable", disable_key),
     ("POST", "/admin/keys/{provider}/{key}/enable", enable_key),
     ("POST", "/admin/keys/{provider}/{key}/reset", reset_key),

@@ -8,12 +8,14 @@ from collections import deque
 from collections.abc import Callable, Container
 from datetime import datetime
 
+from router.auth import OPEN_CLIENT
 from router.config import Settings
 from router.metrics import QUOTA_SERIES, Metrics
 from router.pool import KeyPool
 from router.quota.days import next_reset, quota_day, to_ms
 from router.quota.store import QuotaStore, StoreError
 from router.quota.types import KeyState, KeyUsage
+from router.status import DayUsage, money
 
 log = logging.getLogger("router.quota_metrics")
 
@@ -85,6 +87,7 @@ class QuotaReporter:
                 )
                 for p in self.settings.providers
             }
+            spent = DayUsage.of(self.settings, await self.store.usage(day))
         except StoreError as exc:
             self.metrics.store_up.set(0)
             log.warning("quota store unreachable for metrics: %s", exc)
@@ -96,7 +99,32 @@ class QuotaReporter:
         for provider, keys in usages.items():
             self._report_provider(rows, provider, keys, now.timestamp(), day, until_reset)
         self.metrics.quota.replace(rows)  # keys and models that went away leave no series
+        self._report_spending(spent)
         return True
+
+    def _report_spending(self, spent: DayUsage) -> None:
+        """Tokens and cost of the quota day; every series is set anew (no await in between), so
+        providers and clients a reload removed leave no series. Labels: configured names only
+        (or the open gateway's client), whatever the store holds."""
+        m = self.metrics
+        for gauge in (m.cost_today, m.budget, m.client_tokens_today, m.client_cost_today):
+            gauge.clear()
+        paid_currencies = set()
+        for provider in self.settings.providers:
+            currency = provider.currency
+            m.cost_today.labels(provider.name, currency).set(
+                money(spent.provider(provider.name).cost)
+            )
+            if provider.daily_budget is not None:
+                m.budget.labels(provider.name, currency).set(provider.daily_budget)
+            if provider.is_paid:
+                paid_currencies.add(currency)
+        clients = [c.name for c in self.settings.clients] or [OPEN_CLIENT]
+        for client in clients:
+            m.client_tokens_today.labels(client).set(spent.client(client).total)
+            costs = dict.fromkeys(paid_currencies, 0.0) | spent.client_cost(client)
+            for currency, cost in costs.items():
+                m.client_cost_today.labels(client, currency).set(cost)
 
     def _report_provider(
         self,

@@ -9,6 +9,8 @@ document never holds a secret.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,11 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from router.clients import ClientPolicy
-from router.config import ProviderConfig, Settings
+from router.config import ClientConfig, ProviderConfig, Settings
 from router.pool import KeyPool
+from router.pricing import from_nanos, to_nanos
 from router.quota.days import next_reset, quota_day, to_ms
 from router.quota.store import QuotaStore
-from router.quota.types import ClientUsage, FairShare, KeyState, KeyUsage, ModelUsage
+from router.quota.types import ClientUsage, FairShare, KeyState, KeyUsage, ModelUsage, UsageRow
 
 Document = dict[str, Any]
 
@@ -43,6 +46,76 @@ def previous_day(day: str) -> str:
 
 def _remaining(limit: int | None, used: int) -> int | None:
     return None if limit is None else max(0, limit - used)
+
+
+def money(nanos: int) -> float:
+    """Nanos of a currency as an amount (rounded to the nano, so 0.1 + 0.2 reads 0.3)."""
+    return round(from_nanos(nanos), 9)
+
+
+def budget_left(budget: float | None, spent_nanos: int) -> float | None:
+    """What is left of a daily budget (money) after ``spent_nanos``; None when there is none."""
+    return None if budget is None else money(max(0, to_nanos(budget) - spent_nanos))
+
+
+@dataclass(slots=True)
+class Tally:
+    """Tokens and cost (nanos) summed over usage rows."""
+
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+    cost: int = 0
+
+    def add(self, row: UsageRow) -> None:
+        self.prompt += row.prompt
+        self.completion += row.completion
+        self.total += row.total
+        self.cost += row.cost
+
+    def tokens(self) -> Document:
+        return {"prompt": self.prompt, "completion": self.completion, "total": self.total}
+
+
+@dataclass(slots=True)
+class DayUsage:
+    """A quota day's usage rows (``QuotaStore.usage``) summed per provider, key and client.
+
+    A client's cost is kept per currency (each provider bills in its own); a row of a provider
+    the config no longer has counts in the currency client budgets are in.
+    """
+
+    providers: dict[str, Tally] = field(default_factory=dict)
+    keys: dict[tuple[str, str], Tally] = field(default_factory=dict)
+    clients: dict[str, Tally] = field(default_factory=dict)
+    client_costs: dict[str, dict[str, int]] = field(default_factory=dict)  # client -> cur -> n
+
+    @classmethod
+    def of(cls, settings: Settings, rows: Iterable[UsageRow]) -> DayUsage:
+        currencies = {p.name: p.currency for p in settings.providers}
+        day = cls()
+        for row in rows:
+            day.providers.setdefault(row.provider, Tally()).add(row)
+            day.keys.setdefault((row.provider, row.key), Tally()).add(row)
+            day.clients.setdefault(row.client, Tally()).add(row)
+            if row.cost:
+                currency = currencies.get(row.provider, settings.budget_currency)
+                costs = day.client_costs.setdefault(row.client, {})
+                costs[currency] = costs.get(currency, 0) + row.cost
+        return day
+
+    def provider(self, name: str) -> Tally:
+        return self.providers.get(name) or Tally()
+
+    def key(self, provider: str, key: str) -> Tally:
+        return self.keys.get((provider, key)) or Tally()
+
+    def client(self, name: str) -> Tally:
+        return self.clients.get(name) or Tally()
+
+    def client_cost(self, name: str) -> dict[str, float]:
+        """The client's cost per currency (only currencies it spent in)."""
+        return {c: money(n) for c, n in sorted(self.client_costs.get(name, {}).items())}
 
 
 def _model_view(provider: ProviderConfig, key: str, usage: ModelUsage, tz: ZoneInfo) -> Document:
@@ -72,9 +145,17 @@ def key_view(provider: ProviderConfig, usage: KeyUsage, tz: ZoneInfo) -> Documen
     }
 
 
-def _provider_view(provider: ProviderConfig, usages: list[KeyUsage], tz: ZoneInfo) -> Document:
+def _key_today(provider: ProviderConfig, usage: KeyUsage, tz: ZoneInfo, day: DayUsage) -> Document:
+    tally = day.key(provider.name, usage.key)
+    return {**key_view(provider, usage, tz), "tokens": tally.tokens(), "cost": money(tally.cost)}
+
+
+def _provider_view(
+    provider: ProviderConfig, usages: list[KeyUsage], tz: ZoneInfo, day: DayUsage
+) -> Document:
     usable = [u for u in usages if u.state in (KeyState.AVAILABLE, KeyState.COOLING)]
     capped = all(u.limit is not None for u in usages)
+    spent = day.provider(provider.name)
     return {
         "name": provider.name,
         "type": provider.type.value,
@@ -88,7 +169,12 @@ def _provider_view(provider: ProviderConfig, usages: list[KeyUsage], tz: ZoneInf
             if all(u.limit is not None for u in usable)
             else None
         ),
-        "keys": [key_view(provider, u, tz) for u in usages],
+        "tokens": spent.tokens(),
+        "currency": provider.currency,
+        "cost": money(spent.cost),
+        "daily_budget": provider.daily_budget,
+        "budget_remaining": budget_left(provider.daily_budget, spent.cost),
+        "keys": [_key_today(provider, u, tz, day) for u in usages],
     }
 
 
@@ -133,21 +219,28 @@ async def quota_document(
     """What ``GET /admin/quota`` answers."""
     day, now_view, reset_view = _day_header(settings, now)
     usages = await snapshot_usages(settings, store, pool, now)
+    spent = DayUsage.of(settings, await store.usage(day))
     tz = settings.quota.tz
     return {
         "day": iso_day(day),
         "timezone": settings.quota.timezone,
         "now": now_view,
         "next_reset": reset_view,
-        "providers": [_provider_view(p, usages[p.name], tz) for p in settings.providers],
+        "providers": [_provider_view(p, usages[p.name], tz, spent) for p in settings.providers],
     }
 
 
-def _usage_view(usage: ClientUsage, daily_limit: int | None) -> Document:
+def _usage_view(usage: ClientUsage, config: ClientConfig, day: DayUsage) -> Document:
+    spent = day.client(config.name)
     return {
         "used": usage.used,
         "free_used": usage.free_used,
-        "remaining": _remaining(daily_limit, usage.used),
+        "remaining": _remaining(config.daily_limit, usage.used),
+        "tokens": spent.tokens(),
+        "tokens_remaining": _remaining(config.daily_tokens, spent.total),
+        "cost": day.client_cost(config.name),
+        # a client budget counts the cost on every provider (free ones cost nothing)
+        "budget_remaining": budget_left(config.daily_budget, spent.cost),
         "fair_share": [
             {
                 "provider": provider,
@@ -168,15 +261,22 @@ async def clients_document(settings: Settings, store: QuotaStore, now: datetime)
     free = _fair_shares(settings)
     today = await store.client_usage(day, names, free, to_ms(now))
     before = await store.client_usage(yesterday, names, free, to_ms(now))
+    spent_today = DayUsage.of(settings, await store.usage(day) if names else [])
+    spent_before = DayUsage.of(settings, await store.usage(yesterday) if names else [])
     clients = [
         {
             "name": config.name,
             "daily_limit": config.daily_limit,
+            "daily_tokens": config.daily_tokens,
+            "daily_budget": config.daily_budget,
+            "budget_currency": settings.budget_currency,
+            "rpm": config.rpm,
+            "tpm": config.tpm,
             "share": config.share,
             "models": config.models,
             "fallback": config.fallback,
-            "today": _usage_view(now_usage, config.daily_limit),
-            "yesterday": _usage_view(old_usage, config.daily_limit),
+            "today": _usage_view(now_usage, config, spent_today),
+            "yesterday": _usage_view(old_usage, config, spent_before),
         }
         for config, now_usage, old_usage in zip(settings.clients, today, before, strict=True)
     ]
@@ -197,6 +297,38 @@ async def clients_document(settings: Settings, store: QuotaStore, now: datetime)
     }
 
 
+async def usage_document(
+    settings: Settings, store: QuotaStore, now: datetime, day: str | None = None
+) -> Document:
+    """What ``GET /admin/usage`` answers: the tokens and cost of a quota day (today unless
+    ``day``, "YYYYMMDD") per client, provider, key and upstream model, as the store has them."""
+    today, now_view, _reset = _day_header(settings, now)
+    day = day or today
+    currencies = {p.name: p.currency for p in settings.providers}
+    rows = await store.usage(day)
+    return {
+        "day": iso_day(day),
+        "timezone": settings.quota.timezone,
+        "now": now_view,
+        "rows": [
+            {
+                "client": r.client,
+                "provider": r.provider,
+                "key": r.key,
+                "model": r.model,
+                "prompt": r.prompt,
+                "completion": r.completion,
+                "total": r.total,
+                "cost": money(r.cost),
+                "currency": currencies.get(r.provider, settings.budget_currency),
+                "answers": r.answers,
+                "estimated": r.estimated,
+            }
+            for r in rows
+        ],
+    }
+
+
 # -- rendering ---------------------------------------------------------------------------------
 
 
@@ -214,6 +346,24 @@ def duration(seconds: float) -> str:
 
 def _number(value: int | None) -> str:
     return "no cap" if value is None else str(value)
+
+
+def amount(value: float) -> str:
+    """Money for people: 0.000123 -> "0.000123"; 12.5 -> "12.50"; never an exponent."""
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.9f}".rstrip("0")
+
+
+def _cost(cost: float, currency: str, budget: float | None, left: float | None) -> str:
+    """ "1.20 CNY", or against a budget "1.20 of 10.00 CNY (8.80 left)"."""
+    if budget is None or left is None:
+        return f"{amount(cost)} {currency}"
+    return f"{amount(cost)} of {amount(budget)} {currency} ({amount(left)} left)"
+
+
+def _costs(costs: Document) -> str:
+    return ", ".join(f"{amount(v)} {c}" for c, v in costs.items()) or "0"
 
 
 _STYLE = {
@@ -249,16 +399,43 @@ def quota_table(quota: Document) -> Table:
             f"(in {duration(reset['in_seconds'])})"
         )
     )
-    for column in ("provider", "key", "model", "used", "limit", "remaining", "state", "back in"):
-        right = column in ("used", "limit", "remaining")
+    columns = (
+        "provider",
+        "key",
+        "model",
+        "used",
+        "limit",
+        "remaining",
+        "state",
+        "back in",
+        "tokens today",
+        "cost today",
+    )
+    for column in columns:
+        right = column in ("used", "limit", "remaining", "tokens today")
         table.add_column(
             column, justify="right" if right else "left", no_wrap=column in ("provider", "key")
         )
     for provider in quota["providers"]:
+        currency = provider["currency"]
+        table.add_row(
+            provider["name"],
+            "(all keys)",
+            "",
+            str(provider["used"]),
+            _number(provider["limit"]),
+            _number(provider["remaining"]),
+            "",
+            "",
+            str(provider["tokens"]["total"]),
+            _cost(
+                provider["cost"], currency, provider["daily_budget"], provider["budget_remaining"]
+            ),
+        )
         for key in provider["keys"]:
             state, back = _state(key, now_unix, reset["in_seconds"])
             table.add_row(
-                provider["name"],
+                "",
                 key["name"],
                 "(all models)",
                 str(key["used"]),
@@ -266,6 +443,8 @@ def quota_table(quota: Document) -> Table:
                 _number(key["remaining"]),
                 state,
                 back,
+                str(key["tokens"]["total"]),
+                _cost(key["cost"], currency, None, None),
             )
             for model in key["models"]:
                 state, back = _state(model, now_unix, reset["in_seconds"])
@@ -278,6 +457,8 @@ def quota_table(quota: Document) -> Table:
                     _number(model["remaining"]),
                     state,
                     back,
+                    "",
+                    "",
                 )
         table.add_section()
     return table
@@ -285,6 +466,10 @@ def quota_table(quota: Document) -> Table:
 
 def _fair(usage: Document) -> str:
     return ", ".join(f"{s['provider']}: {s['used']}/{s['share']}" for s in usage["fair_share"])
+
+
+def _limit_left(limit: int | None, left: int | None) -> str:
+    return "no cap" if limit is None else f"{limit} ({left})"
 
 
 def clients_table(clients: Document) -> Table:
@@ -303,11 +488,17 @@ def clients_table(clients: Document) -> Table:
         "fallback",
         "models",
         "fair share (used/share)",
+        "tokens today",
+        "daily tokens (left)",
+        "cost today",
+        "daily budget (left)",
+        "rpm / tpm",
     ):
         table.add_column(column, no_wrap=column == "client")
     for client in clients["clients"]:
         today = client["today"]
         models = client["models"]
+        budget = client["daily_budget"]
         table.add_row(
             client["name"],
             str(today["used"]),
@@ -319,6 +510,14 @@ def clients_table(clients: Document) -> Table:
             "yes" if client["fallback"] else "no",
             "all" if models is None else ", ".join(models),
             _fair(today),
+            str(today["tokens"]["total"]),
+            _limit_left(client["daily_tokens"], today["tokens_remaining"]),
+            _costs(today["cost"]),
+            "no cap"
+            if budget is None
+            else f"{amount(budget)} {client['budget_currency']} "
+            f"({amount(today['budget_remaining'])})",
+            f"{_number(client['rpm'])} / {_number(client['tpm'])}",
         )
     return table
 

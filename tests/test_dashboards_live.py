@@ -199,6 +199,9 @@ async def test_every_dashboard_panel_returns_live_data(monkeypatch: pytest.Monke
     started = time.monotonic()
     async with Simulator(sim_config(LIMIT, BAILIAN_LIMIT)) as sim:  # the real wall clock
         config = config_for(sim, limit=LIMIT, bailian_limit=BAILIAN_LIMIT)
+        # the paid fallback has prices and a budget: the cost-against-budget panels have data
+        config["providers"][1]["prices"] = {"*": {"input": 2, "output": 8}}
+        config["providers"][1]["daily_budget"] = 100
         async with gateway(config) as url, aiohttp.ClientSession() as session:
             target = url.removeprefix("http://")
             prom = PrometheusServer([target], rule_files=[RULES], binary=binary)

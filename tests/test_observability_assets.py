@@ -46,6 +46,8 @@ ALERTS = {
     "RouterUpstreamErrorRateHigh",
     "RouterOverheadHigh",
     "RouterStoreDown",
+    "RouterPaidBudgetHigh",
+    "RouterPaidBudgetSpent",
 }
 
 # Values for Grafana's variables, so that dashboard expressions become plain PromQL.
@@ -116,9 +118,14 @@ def dashboard_paths() -> list[Path]:
 
 
 def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every panel, including those inside (collapsed) rows."""
+    """Every panel that shows data, including those inside (collapsed) rows (a row itself only
+    groups panels: it has a title and no query)."""
     for panel in panels:
-        yield panel
+        if panel.get("type") == "row":
+            assert panel.get("title"), panel
+            assert not panel.get("targets"), panel
+        else:
+            yield panel
         yield from all_panels(panel.get("panels", []))
 
 
@@ -292,6 +299,46 @@ def test_dashboard_expressions_compile(tmp_path: Path) -> None:
         raise AssertionError(f"{exc}\nrecording rule -> dashboard target:\n{mapping}") from None
 
 
+STORE_MONEY_GAUGES = (
+    "router_cost_today",
+    "router_daily_budget",
+    "router_client_tokens_today",
+    "router_client_cost_today",
+)
+
+
+def test_store_tokens_and_cost_are_taken_once_across_replicas() -> None:
+    """The tokens and cost of the day come from the store, alike on every replica: every use
+    takes their max over the replicas first (a sum or a ratio of raw series would double)."""
+    exprs = [rule["expr"] for rule in load_rules()]
+    exprs += [expr for path in dashboard_paths() for _, expr in dashboard_expressions(path)]
+    uses = 0
+    for expr in exprs:
+        for match in re.finditer("|".join(STORE_MONEY_GAUGES), expr):
+            uses += 1
+            before = expr[: match.start()]
+            assert re.search(r"max by \([^)]*\) \($", before), expr
+    assert uses >= 6
+
+
+def test_overview_has_a_tokens_and_cost_row() -> None:
+    panels = load_dashboard(DASHBOARD_DIR / "overview.json")["panels"]
+    [row] = [
+        i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Tokens and cost"
+    ]
+    below = panels[row + 1 :]
+    row_y = panels[row]["gridPos"]["y"]
+    assert all(p["gridPos"]["y"] > row_y for p in below)
+    used = {name for p in below for t in p["targets"] for name in metric_names(t["expr"])}
+    assert used == {
+        "router_tokens_total",
+        "router_cost_today",
+        "router_daily_budget",
+        "router_client_tokens_today",
+        "router_client_cost_today",
+    }
+
+
 def test_quota_gauges_are_deduplicated() -> None:
     """Quota gauges are the same on every replica: never summed without max by (...) first."""
     gauges = (
@@ -302,6 +349,7 @@ def test_quota_gauges_are_deduplicated() -> None:
         "router_model_quota_limit",
         "router_model_quota_remaining",
         "router_key_state",
+        *STORE_MONEY_GAUGES,
     )
     plain_sum = re.compile(
         r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*(?:" + "|".join(gauges) + r")\b"

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from router.app import create_app
 from router.config import load_settings
 from router.demo import running
+from router.quota.memory_store import MemoryStore
 from router.simulator import (
     BailianConfig,
     BailianKey,
@@ -46,8 +47,16 @@ from router.simulator import (
     Simulator,
     SimulatorConfig,
 )
+from router.status import amount
 from router.ui import ASSETS, CSP
 from tests.conftest import MODEL, GatewayClock
+from tests.support import CLIENT_KEY
+from tests.test_usage_visible import (
+    BOTS_KEY,
+    serving,
+    settings_with_money,
+    usage_of_two_days,
+)
 
 try:
     from playwright.async_api import (
@@ -510,6 +519,9 @@ async def check_usage(page: Page, me: dict[str, Any], clients: dict[str, Any]) -
     )
     assert today["remaining"] == shown(me["today"]["remaining"])
     assert yesterday["used"] == str(me["yesterday"]["used"])
+    for row, day in ((today, me["today"]), (yesterday, me["yesterday"])):
+        assert row["tokens"] == str(day["tokens"]["total"])
+        assert row["cost"] == (", ".join(f"{amount(v)} {c}" for c, v in day["cost"].items()) or "0")
     shares = page.locator('#limits [data-field="fair_share"]')
     if me["today"]["fair_share"]:
         expected = "; ".join(
@@ -520,6 +532,43 @@ async def check_usage(page: Page, me: dict[str, Any], clients: dict[str, Any]) -
     else:
         await expect(shares).to_contain_text("not in force")
     await expect(page.locator('#limits [data-field="share"]')).to_have_text(f"{me['share']:g}")
+
+
+async def test_member_view_shows_tokens_cost_and_limits(
+    browser: Browser, gateway_clock: GatewayClock
+) -> None:
+    """Usage put into the store as the request path records it: the client's tokens and cost of
+    today and yesterday, and what is left of its daily tokens and budget, as /ui/api/me says."""
+    settings = settings_with_money()
+    store = MemoryStore()
+    await store.record_usage("b", usage_of_two_days(settings, gateway_clock.now))
+    async with serving(settings, gateway_clock, store) as (url, _app):
+        recorder = Recorder()
+        context, page = await new_page(browser, recorder)
+        await sign_in(page, url + "/ui/", CLIENT_KEY, "member")
+        rows = {row["@id"]: row for row in await table(page, "mine-table")}
+        assert (rows["today"]["tokens"], rows["today"]["cost"]) == ("1890", "1.25 CNY")
+        assert (rows["yesterday"]["tokens"], rows["yesterday"]["cost"]) == ("4000", "0.50 CNY")
+        limits = page.locator("#limits")
+        await expect(limits.locator('[data-field="daily_tokens"]')).to_have_text(
+            "5000 tokens (3110 left)"
+        )
+        await expect(limits.locator('[data-field="daily_budget"]')).to_have_text(
+            "2.00 CNY (0.75 left)"
+        )
+        await expect(limits.locator('[data-field="per_minute"]')).to_have_text(
+            "30 requests, 90000 tokens a minute"
+        )
+        await context.close()
+        context, page = await new_page(browser, recorder)
+        await sign_in(page, url + "/ui/", BOTS_KEY, "member")
+        rows = {row["@id"]: row for row in await table(page, "mine-table")}
+        assert (rows["today"]["tokens"], rows["today"]["cost"]) == ("400", "3.00 CNY")
+        assert (rows["yesterday"]["tokens"], rows["yesterday"]["cost"]) == ("0", "0")
+        limits = page.locator("#limits")
+        for name in ("daily_tokens", "daily_budget", "per_minute"):
+            await expect(limits.locator(f'[data-field="{name}"]')).to_have_text("no cap")
+        await context.close()
 
 
 async def v1_models(url: str, key: str) -> list[str]:

@@ -189,7 +189,26 @@
     ["used", "Calls", "num"],
     ["free_used", "Of which free", "num"],
     ["remaining", "Left of my daily limit", "num"],
+    ["tokens", "Tokens", "num"],
+    ["cost", "Cost", "num"],
   ]);
+
+  function money(value) {
+    // as the status CLI: two decimals, or every digit down to the nano for small amounts
+    if (value === 0 || Math.abs(value) >= 0.01) return value.toFixed(2);
+    return value.toFixed(9).replace(/0+$/, "");
+  }
+
+  function costs(cost) {
+    return Object.entries(cost).map(([currency, v]) => money(v) + " " + currency).join(", ") || "0";
+  }
+
+  function perMinute(client) {
+    const parts = [];
+    if (client.rpm !== null) parts.push(client.rpm + " requests");
+    if (client.tpm !== null) parts.push(client.tpm + " tokens");
+    return parts.length ? parts.join(", ") + " a minute" : "no cap";
+  }
 
   function renderMine(me) {
     const client = me.client;
@@ -204,10 +223,20 @@
       setText(field(row, "used"), String(d.usage.used));
       setText(field(row, "free_used"), String(d.usage.free_used));
       setText(field(row, "remaining"), d.id === "today" ? count(d.usage.remaining) : "");
+      setText(field(row, "tokens"), String(d.usage.tokens.total));
+      setText(field(row, "cost"), costs(d.usage.cost));
     });
     const facts = [
       ["daily_limit", "My daily limit",
         client.daily_limit === null ? "no cap" : count(client.daily_limit) + " calls"],
+      ["daily_tokens", "My daily tokens",
+        client.daily_tokens === null ? "no cap"
+          : client.daily_tokens + " tokens (" + client.today.tokens_remaining + " left)"],
+      ["daily_budget", "My daily budget",
+        client.daily_budget === null ? "no cap"
+          : money(client.daily_budget) + " " + client.budget_currency + " (" +
+            money(client.today.budget_remaining) + " left)"],
+      ["per_minute", "My per-minute limits", perMinute(client)],
       ["share", "My fair-share weight", String(client.share)],
       ["fallback", "Paid fallback", client.fallback ? "allowed" : "not allowed"],
       ["models", "Models allowed", client.models === null ? "all" : client.models.join(", ")],
