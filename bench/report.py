@@ -611,6 +611,26 @@ def judge12(
     ]
 
 
+def judge13(results: list[dict[str, Any]], connections: list[int]) -> list[dict[str, Any]]:
+    """Issue #13: usage accounting costs at most 10% of throughput (gateway-redis against the
+    same gateway with usage.record off, same run), JSON and streams, at 1 and the busy count."""
+    out = []
+    for mode in ("json", "stream"):
+        for c in sorted({1, _busy(connections)}):
+            name = f"#13 throughput with usage / without, {mode} @{c} conn"
+            on = _row(results, JUDGED, mode, c)
+            off = _row(results, "gateway-redis-nousage", mode, c)
+            if on is None or off is None or not off["rps"]:
+                out.append(_target(name, None, ">= 0.9x", None, "not measured", issue=13))
+                continue
+            ratio = round(on["rps"] / off["rps"], 2)
+            detail = f"{on['rps']:.0f} vs {off['rps']:.0f} req/s"
+            if on.get("cpu_us_per_request") and off.get("cpu_us_per_request"):
+                detail += f"; CPU {on['cpu_us_per_request']:.0f} vs {off['cpu_us_per_request']:.0f} µs/req"
+            out.append(_target(name, ratio, ">= 0.9x", ratio >= 0.9, detail, issue=13))
+    return out
+
+
 def judge(
     results: list[dict[str, Any]],
     ttfc: list[dict[str, Any]],
@@ -618,6 +638,7 @@ def judge(
     connections: list[int],
 ) -> list[dict[str, Any]]:
     return [
+        *judge13(results, connections),
         *judge12(results, checks, connections),
         *_throughput(results, connections),
         *_latency(results),
@@ -645,7 +666,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         f"{row['p99_ms']:.2f}",
         str(row["errors"]),
         f"{row['rss_mb']:.0f}",
-        str(row.get("cpu_us_per_request", "")),
+        str(row.get("cpu_us_per_requestuest", "")),
     ]
 
 
@@ -738,7 +759,11 @@ def markdown(report: dict[str, Any]) -> str:
             for r in report["ttfc"]
         ]
     lines += _slow_streams_md(report["checks"].get("slow_streams"))
-    for issue, title in ((12, "Targets of issue #12"), (5, "Targets of issue #5")):
+    for issue, title in (
+        (13, "Targets of issue #13"),
+        (12, "Targets of issue #12"),
+        (5, "Targets of issue #5"),
+    ):
         rows = [t for t in report["targets"] if t.get("issue", 5) == issue]
         if not rows:
             continue

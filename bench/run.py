@@ -59,7 +59,8 @@ MODES: dict[str, tuple[Variant, bool]] = {
     "stream": (FAST, True),
     "stream-50ms": (REALISTIC, True),
 }
-CORE = ["direct", "passthrough", "gateway-redis", "gateway-sqlite"]
+# gateway-redis-nousage: the Redis gateway with usage.record off (#13: what usage costs)
+CORE = ["direct", "passthrough", "gateway-redis", "gateway-redis-nousage", "gateway-sqlite"]
 ALTERNATIVES = ["litellm", "portkey"]
 console = Console()
 
@@ -207,6 +208,8 @@ class Bench:
                 workers=workers,
                 tokens=tokens,
             )
+            if name == "gateway-redis-nousage":
+                settings["usage"] = {"record": False}
             return await start_gateway(self.workdir, f"{name}-{v}", settings)
         if name == "litellm":
             s = await alternatives.start_litellm(

@@ -116,7 +116,8 @@ def _add_routes(app: web.Application) -> None:
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     """The usage writer (router.ledger): it outlives reloads, and at shutdown it writes what
     the last answers left (after the runtime drained them, before the store closes)."""
-    ledger = app[LEDGER] = Ledger(app[STORE])
+    flush = app[SETTINGS].usage.flush_seconds
+    ledger = app[LEDGER] = Ledger(app[STORE], flush_seconds=flush)
     writer = asyncio.create_task(ledger.run())
     yield
     writer.cancel()

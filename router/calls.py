@@ -88,9 +88,14 @@ class Call:
 
 
 def parse_call(
-    raw: bytes, endpoint: Endpoint, trace: Trace, headers: Mapping[str, str] | None = None
+    raw: bytes,
+    endpoint: Endpoint,
+    trace: Trace,
+    headers: Mapping[str, str] | None = None,
+    reads_usage: bool = True,
 ) -> Call:
-    """The call in ``raw``; BadRequest when the body cannot be routed as it is."""
+    """The call in ``raw``; BadRequest when the body cannot be routed as it is. ``reads_usage``
+    False (usage.record off): a stream's body goes upstream as it is, never asking for usage."""
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -116,7 +121,9 @@ def parse_call(
         stream = False
     elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
-    adds_usage = stream and endpoint.asks_stream_usage and _usage_not_asked(payload)
+    adds_usage = (
+        reads_usage and stream and endpoint.asks_stream_usage and _usage_not_asked(payload)
+    )
     return Call(endpoint, model, stream, payload, raw, trace, headers or {}, adds_usage)
 
 

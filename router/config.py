@@ -341,6 +341,15 @@ class MetricsSettings(_Model):
         return None if value in ("", None) else value
 
 
+class UsageSettings(_Model):
+    # Read the tokens of every answer, count them and their cost per quota day in the store
+    # (router.ledger). Off: calls are counted, tokens and money are not (no budgets, tpm or
+    # daily_tokens then), and streams go upstream exactly as the client sent them.
+    record: bool = True
+    # How long answers gather before one store write (a budget check writes at once).
+    flush_seconds: float = Field(0.2, ge=0, le=10)
+
+
 class RetrySettings(_Model):
     max_attempts: int = Field(4, ge=1, le=50)
     deadline_seconds: float = Field(300, gt=0)
@@ -364,6 +373,7 @@ class Settings(BaseSettings):
     models: list[ModelAlias] = Field(default_factory=list)
     clients: list[ClientConfig] = Field(default_factory=list)
     retry: RetrySettings = RetrySettings()
+    usage: UsageSettings = UsageSettings()
     metrics: MetricsSettings = MetricsSettings()
     fair_share: FairShareSettings = FairShareSettings()
     admin: AdminSettings = AdminSettings()
@@ -414,6 +424,19 @@ class Settings(BaseSettings):
                 f"clients[{budgets[0]}].daily_budget: the paid providers bill in several "
                 f"currencies ({', '.join(currencies)}); a client budget needs them all in one"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _token_limits_need_usage(self) -> Self:
+        if self.usage.record:
+            return self
+        for i, p in enumerate(self.providers):
+            if p.daily_budget is not None:
+                raise ValueError(f"providers[{i}].daily_budget: needs usage.record: true")
+        for i, c in enumerate(self.clients):
+            for name in ("daily_budget", "daily_tokens", "tpm"):
+                if getattr(c, name) is not None:
+                    raise ValueError(f"clients[{i}].{name}: needs usage.record: true")
         return self
 
     @property

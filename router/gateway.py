@@ -119,7 +119,8 @@ async def _serve(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> 
     try:
         trace.client = runtime.auth.authenticate(request.headers)
         raw = await _read_body(request, runtime.settings.server.max_body_bytes)
-        call = parse_call(raw, endpoint, trace, request.headers)
+        record = runtime.settings.usage.record
+        call = parse_call(raw, endpoint, trace, request.headers, record)
         trace.model = _model_label(runtime, call.model)
         outcome = await runtime.failover.forward(call)
         if isinstance(outcome, RouterError):
@@ -173,7 +174,7 @@ async def _answer(
     endpoint = call.endpoint
     if reply.first_chunk is not None:
         usage = None
-        if endpoint.reads_usage:
+        if endpoint.reads_usage and runtime.settings.usage.record:
             usage = StreamUsage(anthropic=endpoint.anthropic, strip=call.adds_usage)
         done = endpoint.done_marker
         trace, metrics = call.trace, runtime.metrics
@@ -181,7 +182,7 @@ async def _answer(
             request, reply, headers, done, trace, metrics, usage, anthropic=endpoint.anthropic
         )
     reply.close()
-    if endpoint.reads_usage and reply.status == 200:
+    if endpoint.reads_usage and reply.status == 200 and runtime.settings.usage.record:
         call.trace.usage = from_body(reply.body or b"", endpoint.anthropic)
     if call.endpoint is IMAGES and reply.status == 200:
         await _remember_task(runtime.store, reply.body or b"", res, call.trace.client)

@@ -29,7 +29,7 @@ from router.quota.types import UsageRecord
 
 log = logging.getLogger("router.ledger")
 
-# Answers gather this long before a write, unless a budget check is waiting (caught_up) or a
+# Answers gather this long before a write (usage.flush_seconds), unless a budget check is waiting (caught_up) or a
 # batch is full: requests one at a time then cost one store round trip each (the reserve),
 # not two. The batches the issue asks for; what they cost is in bench/ (usage row).
 FLUSH_DELAY_S = 0.2
@@ -42,8 +42,15 @@ CAUGHT_UP_TIMEOUT_S = 2.0  # a budget check waits no longer for the writer (the 
 class Ledger:
     """One app's usage writer (it outlives configuration reloads, as the store does)."""
 
-    def __init__(self, store: QuotaStore, *, token: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        store: QuotaStore,
+        *,
+        flush_seconds: float = FLUSH_DELAY_S,
+        token: Callable[[], str] | None = None,
+    ) -> None:
         self._store = store
+        self._flush_seconds = flush_seconds
         self._token = token or (lambda: uuid.uuid4().hex)
         self._pending: list[UsageRecord] = []
         # The batch being written, with its token: kept until the store took it, so a write
@@ -102,7 +109,7 @@ class Ledger:
         while True:
             await self._wake.wait()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._urgent.wait(), FLUSH_DELAY_S)
+                await asyncio.wait_for(self._urgent.wait(), self._flush_seconds)
             self._urgent.clear()
             await self._write_once()
 

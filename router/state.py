@@ -132,6 +132,8 @@ def _warn_about_restart_only_changes(running: Settings, new: Settings) -> None:
     for section in ("server", "store"):
         if getattr(running, section) != getattr(new, section):
             log.warning("'%s' changed: it takes effect at the next restart", section)
+    if running.usage.flush_seconds != new.usage.flush_seconds:
+        log.warning("'usage.flush_seconds' changed: it takes effect at the next restart")
 
 
 SETTINGS = web.AppKey("settings", Settings)  # as started: server and store settings

@@ -20,7 +20,7 @@ from router.quota.days import quota_day, to_ms, utc_now
 from router.quota.factory import open_store
 from router.simulator import Simulator
 from tests.redis_server import RedisServer
-from tests.support import CLIENT_KEY, GatewayProcess, gateway
+from tests.support import CLIENT_KEY, GatewayProcess, gateway, gateway_app, recorded
 from tests.test_admin import ADMIN, ADMIN_KEY, SECRETS, with_admin
 from tests.test_gateway import TOKENS, ask, config_for, openai_client, sim_config
 
@@ -81,8 +81,9 @@ async def test_status_config_json_matches_the_store(
             )
         )
         path = write_config(tmp_path / "router.yaml", config)
-        async with gateway(config) as url:
+        async with gateway_app(config) as (url, app):
             await traffic(url, 8)  # 3 keys x 2, then two on Bailian
+            await recorded(app)  # the answers' usage in the store, as the CLI will read it
             async with aiohttp.ClientSession(headers=ADMIN) as http:
                 disable = f"{url}/admin/keys/bailian/main/disable"
                 async with http.post(disable, json={"reason": "budget"}) as response:

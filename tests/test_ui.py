@@ -50,7 +50,7 @@ from router.simulator import (
 from router.status import amount
 from router.ui import ASSETS, CSP
 from tests.conftest import MODEL, GatewayClock
-from tests.support import CLIENT_KEY
+from tests.support import CLIENT_KEY, recorded
 from tests.test_usage_visible import (
     BOTS_KEY,
     serving,
@@ -208,6 +208,7 @@ async def team_gateway(
             team = Team(url, sim, path, config, clock)
             if traffic:
                 await serve_traffic(team)
+                await recorded(app)  # its usage in the store: the page and the API agree
             yield team
 
 
