@@ -121,9 +121,7 @@ def parse_call(
         stream = False
     elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
-    adds_usage = (
-        reads_usage and stream and endpoint.asks_stream_usage and _usage_not_asked(payload)
-    )
+    adds_usage = reads_usage and stream and endpoint.asks_stream_usage and _usage_not_asked(payload)
     return Call(endpoint, model, stream, payload, raw, trace, headers or {}, adds_usage)
 
 
