@@ -625,8 +625,9 @@ def judge13(results: list[dict[str, Any]], connections: list[int]) -> list[dict[
                 continue
             ratio = round(on["rps"] / off["rps"], 2)
             detail = f"{on['rps']:.0f} vs {off['rps']:.0f} req/s"
-            if on.get("cpu_us_per_request") and off.get("cpu_us_per_request"):
-                detail += f"; CPU {on['cpu_us_per_request']:.0f} vs {off['cpu_us_per_request']:.0f} µs/req"
+            cpu_on, cpu_off = on.get("cpu_us_per_request"), off.get("cpu_us_per_request")
+            if cpu_on and cpu_off:
+                detail += f"; CPU {cpu_on:.0f} vs {cpu_off:.0f} µs/req"
             out.append(_target(name, ratio, ">= 0.9x", ratio >= 0.9, detail, issue=13))
     return out
 

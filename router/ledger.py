@@ -29,9 +29,9 @@ from router.quota.types import UsageRecord
 
 log = logging.getLogger("router.ledger")
 
-# Answers gather this long before a write (usage.flush_seconds), unless a budget check is waiting (caught_up) or a
-# batch is full: requests one at a time then cost one store round trip each (the reserve),
-# not two. The batches the issue asks for; what they cost is in bench/ (usage row).
+# Answers gather this long before a write (usage.flush_seconds), unless a budget check is
+# waiting (caught_up) or a batch is full: requests one at a time then cost one store round
+# trip each (the reserve), not two. The batches the issue asks for; bench/ reports their cost.
 FLUSH_DELAY_S = 0.2
 MAX_BATCH = 1000
 MAX_PENDING = 100_000  # answers waiting for the store; past this the oldest are dropped (logged)

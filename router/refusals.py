@@ -82,12 +82,15 @@ class Refusals:
     # -- counts: the client's own, then the pool's -------------------------------------------
 
     def client_limit(self, client: str, refusal: NoCapacity) -> PoolExhausted:
+        return self._daily(client, f"{refusal.client_limit} calls", "client_daily_limit")
+
+    def _daily(self, client: str, limit: str, code: str) -> PoolExhausted:
         reset_text, wait = self._reset_text()
         return PoolExhausted(
-            f"The client '{client}' has used its daily limit of "
-            f"{refusal.client_limit} calls; it resets at {reset_text}.",
+            f"The client '{client}' has used its daily limit of {limit}; "
+            f"it resets at {reset_text}.",
             retry_after_s=wait,
-            code="client_daily_limit",
+            code=code,
         )
 
     def client_refusal(self, client: str, refusal: NoCapacity) -> PoolExhausted:
@@ -97,13 +100,7 @@ class Refusals:
         if reason is Refusal.CLIENT_LIMIT:
             return self.client_limit(client, refusal)
         if reason is Refusal.CLIENT_TOKENS:
-            reset_text, wait = self._reset_text()
-            return PoolExhausted(
-                f"The client '{client}' has used its daily limit of {limit} tokens; "
-                f"it resets at {reset_text}.",
-                retry_after_s=wait,
-                code="client_daily_tokens",
-            )
+            return self._daily(client, f"{limit} tokens", "client_daily_tokens")
         what = "requests" if reason is Refusal.CLIENT_RPM else "tokens"
         now_ms = to_ms(self.clock())
         wait = ((refusal.retry_at_ms or now_ms + 1000) - now_ms) / 1000
