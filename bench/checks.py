@@ -26,6 +26,7 @@ from bench.wrk import Target, run_wrk
 
 Counts = dict[str, int]
 # Commands a client sends itself; INFO commandstats also counts the calls made inside scripts.
+USAGE_SETTLE_S = 0.6  # past the gateway's usage.flush_seconds (0.2 s)
 TOP_LEVEL = {"evalsha", "eval", "evalsha_ro", "eval_ro", "multi", "exec", "ping", "hello"}
 
 
@@ -47,6 +48,11 @@ class RedisCounters:
             if name.startswith("cmdstat_")
         }
         return int(raw["total_reads_processed"]), calls
+
+    def usage_batches(self, prefix: str) -> int:
+        """Usage batches written under ``prefix`` (router.ledger marks each one in Redis)."""
+        marks = self.client.scan_iter(match=f"{{{prefix}}}:usage-batch:*", count=1000)
+        return sum(1 for _ in marks)
 
     def close(self) -> None:
         self.client.close()
@@ -97,12 +103,13 @@ async def redis_round_trips(
     reading (see ``drive``). ``keys``: that many keys in the provider (0: the default three).
     """
     tag = f"-k{keys}" if keys else ""
+    prefix = f"bench-roundtrips{tag}"
     sim = await Simulator(workdir, FAST, name=f"sim-roundtrips{tag}", pool_size=keys).start()
     settings = gateway_settings(
         sim,
         f"redis://127.0.0.1:{redis_port}/0",
         port=free_port(),
-        prefix=f"bench-roundtrips{tag}",
+        prefix=prefix,
         tokens=pool_tokens(keys) if keys else TOKENS,
     )
     gw = await start_gateway(workdir, f"gw-roundtrips{tag}", settings)
@@ -116,11 +123,17 @@ async def redis_round_trips(
         target = Target(gw.url, chat_body(False), gw.headers)
         for c in connections:
             await drive(target, c, max(200, 10 * c))
+            # The answers' usage goes to Redis in batches, usage.flush_seconds (0.2 s) after
+            # them: wait that out on both sides, so each reading holds its requests' batches.
+            await asyncio.sleep(USAGE_SETTLE_S)
+            batches_before = counters.usage_batches(prefix)
             calls_before = await _calls(sim)
             reads_before, before = counters.read()
             failed = await drive(target, c, requests)
+            await asyncio.sleep(USAGE_SETTLE_S)
             calls_after = await _calls(sim)
             reads_after, after = counters.read()
+            usage_writes = counters.usage_batches(prefix) - batches_before
             proxied = calls_after - calls_before
             trips = reads_after - reads_before - 1  # the second reading's own INFO
             delta = _delta(before, after)
@@ -136,6 +149,12 @@ async def redis_round_trips(
                     # HELLO (a new pooled connection) and the periodic MULTI/HGETALL/EXEC
                     # snapshot of the metrics are off it
                     "scripts_per_request": round(scripts / proxied, 4) if proxied else 0.0,
+                    # of which usage batches (router.ledger), after the answers: the rest are
+                    # the reservations made before each call
+                    "usage_writes": usage_writes,
+                    "reserves_per_request": (
+                        round((scripts - usage_writes) / proxied, 4) if proxied else 0.0
+                    ),
                     "round_trips": trips,
                     "round_trips_per_request": round(trips / proxied, 4) if proxied else 0.0,
                     "client_commands": top,
