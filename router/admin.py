@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -22,7 +21,7 @@ from aiohttp import web
 from router.auth import find_key, presented_key
 from router.config import ConfigError, ProviderConfig, Settings, fingerprint
 from router.errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthorized
-from router.quota.days import quota_day, to_ms
+from router.quota.days import parse_day, quota_day, to_ms
 from router.quota.store import StoreError
 from router.runtime import Runtime
 from router.state import LIVE
@@ -108,19 +107,9 @@ async def get_clients(request: web.Request, runtime: Runtime) -> Document:
 
 async def get_usage(request: web.Request, runtime: Runtime) -> Document:
     day = request.query.get("day")
-    if day is not None and not _is_day(day):
+    if day is not None and parse_day(day) is None:
         raise BadRequest("'day' must be a date written YYYYMMDD, such as 20261129.", param="day")
     return await usage_document(runtime.settings, runtime.store, runtime.clock(), day)
-
-
-def _is_day(day: str) -> bool:
-    if len(day) != 8 or not day.isascii() or not day.isdigit():
-        return False
-    try:
-        datetime.strptime(day, "%Y%m%d")
-    except ValueError:
-        return False
-    return True
 
 
 def _target(request: web.Request, runtime: Runtime) -> tuple[ProviderConfig, str]:

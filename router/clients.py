@@ -95,14 +95,13 @@ class ClientPolicy:
         quota = self._quotas.get(key)
         if quota is None:
             free = not provider.is_paid
-            priced = provider.is_paid and bool(provider.prices)
-            budget = client.daily_budget
+            budget = client.daily_budget if provider.is_priced else None
             quota = ClientQuota(
                 name=name,
                 daily_limit=client.daily_limit,
                 fair_share=self._fair_share if free else None,
                 daily_tokens=client.daily_tokens,
-                daily_budget=to_nanos(budget) if priced and budget is not None else None,
+                daily_budget=None if budget is None else to_nanos(budget),
                 rpm=client.rpm,
                 tpm=client.tpm,
                 count_rate=count_rate,

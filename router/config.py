@@ -208,6 +208,11 @@ class ProviderConfig(_Model):
             )
         return self
 
+    @property
+    def is_priced(self) -> bool:
+        """Whether its calls can cost money (client budgets apply on it)."""
+        return self.is_paid and bool(self.prices)
+
     def key_rpm(self, key: KeyConfig) -> int | None:
         return key.rpm if key.rpm is not None else self.rpm
 

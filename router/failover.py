@@ -255,17 +255,8 @@ class Failover:
         provider = route.provider
         quota = self.policy.quota_for(client, provider, count_rate=not progress.rate_counted)
         budget = provider.daily_budget
-        if self.ledger is not None and (
-            budget is not None
-            or (
-                quota is not None
-                and (
-                    quota.daily_tokens is not None
-                    or quota.daily_budget is not None
-                    or (quota.count_rate and quota.tpm is not None)
-                )
-            )
-        ):
+        checks_usage = budget is not None or (quota is not None and quota.checks_usage)
+        if self.ledger is not None and checks_usage:
             # Checked against what the store holds: first this replica's answers that ended.
             await self.ledger.caught_up()
         now = self.clock()

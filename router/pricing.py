@@ -41,10 +41,6 @@ class Prices:
     def currency(self, provider: str) -> str:
         return self._providers[provider].currency
 
-    def priced(self, provider: ProviderConfig) -> bool:
-        """Whether calls on ``provider`` can cost money (client budgets apply there)."""
-        return provider.is_paid and bool(provider.prices)
-
     def price(self, provider: str, model: str) -> Price | None:
         key = (provider, model)
         if key not in self._found:

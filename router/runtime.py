@@ -43,14 +43,14 @@ class Runtime:
         metrics: Metrics,
         clock: Callable[[], datetime],
         *,
-        ledger: Ledger | None = None,
+        ledger: Ledger,
         previous: Runtime | None = None,
     ) -> None:
         self.settings = settings
         self.store = store  # the app's: outlives this runtime
         self.metrics = metrics  # the app's too
         self.clock = clock
-        self.ledger = ledger if ledger is not None else Ledger(store)  # the app's, when given
+        self.ledger = ledger  # the app's: its writer outlives this runtime
         self.prices = Prices(settings)
         self.auth = ClientAuth(settings.clients)
         self.routes = RouteTable(settings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -22,7 +22,7 @@ from router.clients import ClientPolicy
 from router.config import ClientConfig, ProviderConfig, Settings
 from router.pool import KeyPool
 from router.pricing import from_nanos, to_nanos
-from router.quota.days import next_reset, quota_day, to_ms
+from router.quota.days import next_reset, previous_day, quota_day, to_ms
 from router.quota.store import QuotaStore
 from router.quota.types import ClientUsage, FairShare, KeyState, KeyUsage, ModelUsage, UsageRow
 
@@ -38,10 +38,6 @@ def moment(ms: int, tz: ZoneInfo) -> Document:
 def iso_day(day: str) -> str:
     """ "20261129" -> "2026-11-29"."""
     return f"{day[:4]}-{day[4:6]}-{day[6:]}"
-
-
-def previous_day(day: str) -> str:
-    return (datetime.strptime(day, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
 
 
 def _remaining(limit: int | None, used: int) -> int | None:
@@ -256,7 +252,7 @@ def _usage_view(usage: ClientUsage, config: ClientConfig, day: DayUsage) -> Docu
 async def clients_document(settings: Settings, store: QuotaStore, now: datetime) -> Document:
     """What ``GET /admin/clients`` answers: usage today and yesterday of every client."""
     day, now_view, reset_view = _day_header(settings, now)
-    yesterday = previous_day(day)
+    yesterday = previous_day(day) or day  # a quota day always has one before it
     names = [c.name for c in settings.clients]
     free = _fair_shares(settings)
     today = await store.client_usage(day, names, free, to_ms(now))

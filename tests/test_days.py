@@ -1,11 +1,18 @@
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.quota.days import QuotaCalendar, next_reset, quota_day, to_ms
+from router.quota.days import (
+    QuotaCalendar,
+    next_reset,
+    parse_day,
+    previous_day,
+    quota_day,
+    to_ms,
+)
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 MIDNIGHT = time(0, 0)
@@ -83,3 +90,12 @@ def test_calendar_cache_agrees_with_the_pure_functions(
             quota_day(now, tz, reset),
             to_ms(next_reset(now, tz, reset)),
         )
+
+
+def test_a_quota_day_name_is_parsed_strictly() -> None:
+    assert parse_day("20261129") == date(2026, 11, 29)
+    for bad in ("2026112", "202611290", "2026-11-29", "20261131", "２０２６１１２９", " 2026112"):
+        assert parse_day(bad) is None, bad
+    assert previous_day("20260301") == "20260228"
+    assert previous_day("20270101") == "20261231"
+    assert previous_day("nonsense") is None

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from time import time_ns
 from zoneinfo import ZoneInfo
+
+DAY_FORMAT = "%Y%m%d"  # a quota day's name, as every store keys it
+
+
+def parse_day(day: str) -> date | None:
+    """The date a quota day's name ("YYYYMMDD") stands for; None for anything else."""
+    if len(day) != 8 or not day.isascii() or not day.isdigit():
+        return None
+    try:
+        return datetime.strptime(day, DAY_FORMAT).date()
+    except ValueError:
+        return None
+
+
+def previous_day(day: str) -> str | None:
+    """The quota day before ``day``; None when ``day`` is not one."""
+    parsed = parse_day(day)
+    return None if parsed is None else (parsed - timedelta(days=1)).strftime(DAY_FORMAT)
 
 
 def quota_day(now: datetime, tz: ZoneInfo, reset_time: time) -> str:
@@ -17,7 +35,7 @@ def quota_day(now: datetime, tz: ZoneInfo, reset_time: time) -> str:
     day = local.date()
     if local.timetz().replace(tzinfo=None) < reset_time:
         day -= timedelta(days=1)
-    return day.strftime("%Y%m%d")
+    return day.strftime(DAY_FORMAT)
 
 
 def next_reset(now: datetime, tz: ZoneInfo, reset_time: time) -> datetime:

@@ -115,9 +115,10 @@ def key_view(
     )
 
 
-def key_rate(rates_map: Fields, provider: str, spec: KeySpec) -> str | None:
-    """The key's calls-per-minute window, read only when the key has an rpm."""
-    return None if spec.rpm is None else rates_map.get(k.key_rpm_field(provider, spec.name))
+def key_rate(read: Callable[[str], str | None], provider: str, spec: KeySpec) -> str | None:
+    """The key's calls-per-minute window (``read``: a rates field), read only when the key has
+    an rpm."""
+    return None if spec.rpm is None else read(k.key_rpm_field(provider, spec.name))
 
 
 class Pool(NamedTuple):
@@ -250,7 +251,12 @@ def reserve_on(
         return refusal, {}, {}, {}
     views = [
         key_view(
-            fields, disabled, spec, req.model, key_rate(rates_map, req.provider, spec), req.now_ms
+            fields,
+            disabled,
+            spec,
+            req.model,
+            key_rate(rates_map.get, req.provider, spec),
+            req.now_ms,
         )
         for spec in req.keys
     ]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
 
 from router.quota import keys as k
 from router.quota import logic, rates, spending
-from router.quota.days import wall_clock_ms
+from router.quota.days import previous_day, wall_clock_ms
 from router.quota.types import (
     ClientUsage,
     FairShare,
@@ -24,14 +23,6 @@ from router.quota.types import (
 
 CLIENTS = ""  # the clients day map's place among the provider maps (no provider is named "")
 USAGE = ":usage"  # the usage maps' place (no provider name holds ':')
-
-
-def _previous_day(day: str) -> str | None:
-    try:
-        parsed = datetime.strptime(day, "%Y%m%d")
-    except ValueError:
-        return None
-    return (parsed - timedelta(days=1)).strftime("%Y%m%d")
 
 
 class MemoryStore:
@@ -65,7 +56,7 @@ class MemoryStore:
 
     def _drop_before_yesterday(self, provider: str, day: str) -> None:
         """Counters expire by themselves, as in Redis: yesterday stays readable."""
-        yesterday = _previous_day(day)
+        yesterday = previous_day(day)
         if yesterday is None:
             return
         for stale in [pd for pd in self._days if pd[0] == provider and pd[1] < yesterday]:

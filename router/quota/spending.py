@@ -17,7 +17,7 @@ Every store applies them in one atomic step, once per batch token (Redis: ``lua/
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from router.quota import keys as k
@@ -99,23 +99,3 @@ def add_to(fields: Mapping[str, str], increments: Mapping[str, int]) -> dict[str
     """The new values of ``fields`` after the increments (for the stores that read, add and
     write: memory, SQLite)."""
     return {f: str(int(fields.get(f, "0")) + n) for f, n in increments.items()}
-
-
-def provider_cost(fields: Mapping[str, str]) -> int:
-    return int(fields.get(k.COST_FIELD, "0"))
-
-
-def totals(rows: Sequence[UsageRow]) -> UsageRow:
-    """The sum of rows (names empty)."""
-    return UsageRow(
-        "",
-        "",
-        "",
-        "",
-        sum(r.prompt for r in rows),
-        sum(r.completion for r in rows),
-        sum(r.total for r in rows),
-        sum(r.cost for r in rows),
-        sum(r.answers for r in rows),
-        sum(r.estimated for r in rows),
-    )

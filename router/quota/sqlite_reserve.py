@@ -221,9 +221,7 @@ class _Reserve:
         return self.rates[field]
 
     def key_rate(self, spec: KeySpec) -> str | None:
-        if spec.rpm is None:
-            return None
-        return self.rate(k.key_rpm_field(self.req.provider, spec.name))
+        return logic.key_rate(self.rate, self.req.provider, spec)
 
     def view(self, i: int) -> KeyView:
         spec, model = self.req.keys[i], self.req.model

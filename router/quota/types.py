@@ -65,9 +65,16 @@ class ClientQuota:
     # (and rpm counted) once per request, not once per failover attempt.
     count_rate: bool = True
 
-    def rated(self) -> bool:
-        """Whether rpm or tpm applies to this reservation."""
-        return self.count_rate and (self.rpm is not None or self.tpm is not None)
+    @property
+    def checks_usage(self) -> bool:
+        """Whether this reservation is checked against the usage recorded in the store (daily
+        tokens, budget, tokens per minute), so the answers that ended before it must be there
+        first (router.ledger)."""
+        return (
+            self.daily_tokens is not None
+            or self.daily_budget is not None
+            or (self.count_rate and self.tpm is not None)
+        )
 
 
 @dataclass(frozen=True, slots=True)
