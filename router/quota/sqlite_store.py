@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS quota_usage_batch (  -- usage batches already added
     token TEXT NOT NULL PRIMARY KEY,
     expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quota_usage_batch_expiry ON quota_usage_batch (expires_ms);
 """
 
 _UPSERT_DAY = (
@@ -122,7 +123,6 @@ def _connect(path: str, busy_timeout_ms: int, retain_days: int, now_ms: int) -> 
                     # The table names are this module's constants.
                     conn.execute(f"DELETE FROM {table} WHERE day < ?", (cutoff,))  # noqa: S608
             conn.execute("DELETE FROM quota_task WHERE expires_ms <= ?", (now_ms,))
-            conn.execute("DELETE FROM quota_usage_batch WHERE expires_ms <= ?", (now_ms,))
     except BaseException:
         conn.close()
         raise
@@ -189,6 +189,8 @@ def _record_usage(
         row = conn.execute("SELECT 1 FROM quota_usage_batch WHERE token = ?", (token,)).fetchone()
         if row is not None:
             return
+        # Expired by the records' own clock (the gateway's), never this machine's.
+        conn.execute("DELETE FROM quota_usage_batch WHERE expires_ms <= ?", (now_ms,))
         conn.execute("INSERT INTO quota_usage_batch VALUES (?, ?)", (token, now_ms + ttl_ms))
         for day, c in changes.days.items():
             conn.executemany(_ADD_USAGE, [(day, f, n) for f, n in c.usage.items()])
