@@ -279,8 +279,8 @@ def connect(url: str, *, timeout: float, max_connections: int) -> tuple[Client, 
         )
         return cluster, None
     assert target.service is not None
-    # (redis-py's Sentinel.__init__ has no annotations)
-    sentinel = _Sentinel(  # type: ignore[no-untyped-call]
+    # (redis-py's Sentinel.__init__ has annotations from 8.2 on, none before)
+    sentinel = _Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         target.hosts, sentinel_kwargs={"socket_timeout": timeout, **common, **sentinel_auth}
     )
     master = sentinel.master_for(
