@@ -182,12 +182,17 @@ def gateway_settings(
 
 
 async def start_gateway(
-    workdir: Path, name: str, settings: dict[str, Any], ready_timeout: float = 60
+    workdir: Path,
+    name: str,
+    settings: dict[str, Any],
+    ready_timeout: float = 60,
+    log_level: str = "INFO",
 ) -> Endpoint:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings), encoding="utf-8")
     port = settings["server"]["port"]
-    args = [sys.executable, "-m", "router", "serve", "--config", str(path)]
+    args = [sys.executable, "-m", "router", "--log-level", log_level, "serve"]
+    args += ["--config", str(path)]
     # ROUTER_* variables would override the file (ROUTER_STORE__URL...): not in a benchmark
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
     proc = Proc(name, args, workdir, env=env).start()

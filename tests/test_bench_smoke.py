@@ -283,3 +283,43 @@ def test_slow_stream_outcomes_summarized() -> None:
     assert found["error_kinds"] == {"HTTP 503 store_unavailable": 1, "ServerDisconnectedError": 1}
     assert found["ttfb_p99_ms"] == 298.0
     assert found["ttfb_max_ms"] == 299.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ablation_measures_every_variant(tmp_path: Path) -> None:
+    """bench.ablate end to end, as short as it goes: every variant starts, answers every
+    request and gets a CPU figure; what a part saves is the full gateway's figure minus its."""
+    if shutil.which("wrk") is None or shutil.which("redis-server") is None:
+        pytest.fail("bench.ablate needs wrk and redis-server (CI installs them with apt)")
+    args = ["--requests", "200", "--rounds", "1", "--repeat", "1", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ablate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")},
+            "COLUMNS": "160",
+        },
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "ablation.json").read_text(encoding="utf-8"))
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {
+        "pass-through",
+        "full",
+        "no access log",
+        "no usage",
+        "memory store",
+        "none of the three",
+    }
+    full = rows["full"]["cpu_us_per_request"]
+    for name, row in rows.items():
+        assert row["errors"] == 0, name
+        assert row["rps"] > 0, name
+        assert row["cpu_us_per_request"] > 0, name
+        if name != "pass-through":
+            assert row["saves_us"] == full - row["cpu_us_per_request"], name
