@@ -28,7 +28,7 @@ import asyncio
 import json
 import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,9 @@ from rich.table import Table
 
 from bench.procs import free_port
 from bench.systems import (
+    FAST,
     Endpoint,
     Simulator,
-    Variant,
     chat_body,
     gateway_settings,
     start_gateway,
@@ -48,7 +48,6 @@ from bench.systems import (
 from bench.wrk import Target, run_wrk
 from tests.redis_server import RedisServer
 
-FAST = Variant("fast", latency_ms=0, stream_chunks=10, stream_chunk_delay_ms=0)
 WARMUP = 2000
 
 
@@ -67,13 +66,6 @@ ABLATIONS = [
     Ablation("memory store", memory=True),
     Ablation("none of the three", log_level="WARNING", usage=False, memory=True),
 ]
-
-
-@dataclass
-class Samples:
-    cpu_us: list[float] = field(default_factory=list)
-    rps: list[float] = field(default_factory=list)
-    errors: int = 0
 
 
 async def cpu_per_request(
@@ -97,7 +89,9 @@ async def cpu_per_request(
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-ablate-"))
-    samples = {name: Samples() for name in ["pass-through", *(a.name for a in ABLATIONS)]}
+    # variant -> one (CPU µs per request, req/s, errors) per round
+    samples: dict[str, list[tuple[float, float, int]]] = {"pass-through": []}
+    samples.update((a.name, []) for a in ABLATIONS)
     with RedisServer() as redis:  # started by the with
         sim = await Simulator(workdir, FAST).start()
         try:
@@ -109,7 +103,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 finally:
                     pt.proc.stop()
-                _add(samples["pass-through"], measured)
+                samples["pass-through"].append(measured)
                 for ab in ABLATIONS:
                     store = "memory://" if ab.memory else redis.url
                     name = f"gateway-{round_}-{ab.name.replace(' ', '-')}"
@@ -123,22 +117,22 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     finally:
                         gw.proc.stop()
-                    _add(samples[ab.name], measured)
+                    samples[ab.name].append(measured)
                     Console().print(f"round {round_ + 1}: {ab.name}: {measured[0]:.0f} µs/req")
         finally:
             sim.stop()
-    full = round(statistics.median(samples["full"].cpu_us))
+    full = round(statistics.median(m[0] for m in samples["full"]))
     rows = []
-    for name, s in samples.items():
-        cpu = round(statistics.median(s.cpu_us))
+    for name, rounds in samples.items():
+        cpu = round(statistics.median(m[0] for m in rounds))
         rows.append(
             {
                 "variant": name,
                 "cpu_us_per_request": cpu,
-                "cpu_us_runs": [round(x) for x in s.cpu_us],
+                "cpu_us_runs": [round(m[0]) for m in rounds],
                 "saves_us": None if name == "pass-through" else full - cpu,
-                "rps": round(statistics.median(s.rps)),
-                "errors": s.errors,
+                "rps": round(statistics.median(m[1] for m in rounds)),
+                "errors": sum(m[2] for m in rounds),
             }
         )
     return {
@@ -150,13 +144,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         },
         "rows": rows,
     }
-
-
-def _add(s: Samples, measured: tuple[float, float, int]) -> None:
-    cpu, rps, errors = measured
-    s.cpu_us.append(cpu)
-    s.rps.append(rps)
-    s.errors += errors
 
 
 def main() -> None:

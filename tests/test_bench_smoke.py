@@ -44,6 +44,24 @@ KEYS = {
 }
 
 
+def _bench(module: str, args: list[str], timeout: int) -> None:
+    """``python -m <module> <args>`` from the project root, without ROUTER_* overrides; it
+    must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")},
+            "COLUMNS": "160",
+        },
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_benchmark_answers_on_every_system(tmp_path: Path) -> None:
@@ -59,19 +77,7 @@ def test_quick_benchmark_answers_on_every_system(tmp_path: Path) -> None:
     args += ["--modes", "json,stream", "--accounting-limit", "100", "--out", str(out)]
     args += ["--pool-sizes", "2,50"]  # the pool-size axis, small
     args += ["--slow-streams", "20", "--cluster"]  # issue #12's streams at once, and a Cluster
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")},
-            "COLUMNS": "160",
-        },
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _bench("bench.run", args, timeout=280)
 
     report = json.loads((out / "latest.json").read_text(encoding="utf-8"))
     assert report.keys() >= KEYS
@@ -293,19 +299,7 @@ def test_ablation_measures_every_variant(tmp_path: Path) -> None:
     if shutil.which("wrk") is None or shutil.which("redis-server") is None:
         pytest.fail("bench.ablate needs wrk and redis-server (CI installs them with apt)")
     args = ["--requests", "200", "--rounds", "1", "--repeat", "1", "--out", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.ablate", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")},
-            "COLUMNS": "160",
-        },
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _bench("bench.ablate", args, timeout=220)
     result = json.loads((tmp_path / "ablation.json").read_text(encoding="utf-8"))
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {
